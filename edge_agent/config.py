@@ -1,0 +1,238 @@
+"""The station's TOML configuration: pydantic models and load_config().
+
+Every key has a description and a default; unknown keys are rejected. Errors name the key,
+the offending value and the fix, one line each, and raise ConfigError (exit code 2).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edge_agent.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StationConfig(Section):
+    id: str = Field("station-1", description="Station id; the MQTT topic level under the prefix.")
+    name: str = Field("", description="Human-readable station name, echoed in status messages.")
+
+    @field_validator("id")
+    @classmethod
+    def _topic_safe(cls, v: str) -> str:
+        _check_topic_level(v)
+        return v
+
+
+class ModelConfig(Section):
+    path: Path = Field(Path("models/demo-vae.pt"), description="The TorchScript model file (edge-agent artifact).")
+    score: str | None = Field(None, description="Score name to use; default: the model card's default score.")
+    threshold: float | None = Field(
+        None, description="Override the model card's threshold for this score (prefer `edge-agent calibrate`)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device; auto = CUDA when present.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="Inference precision; auto = bf16 on CPUs with AMX/AVX512-BF16 and on GPUs."
+    )
+    batch_size: int = Field(512, ge=1, le=65536, description="Patches per forward pass.")
+    ignore_mask: Path | None = Field(
+        None, description="PNG whose black pixels mark areas where patches do not count (overrides the card's)."
+    )
+
+
+class SourceConfig(Section):
+    kind: Literal["file", "device", "url", "gstreamer", "folder"] = Field(
+        "file", description="Frame source: video file, V4L2 device, RTSP/HTTP URL, GStreamer pipeline, image folder."
+    )
+    uri: str = Field("", description="File/folder path, device index or path (/dev/video0), URL, or pipeline.")
+    loop: bool = Field(False, description="Replay a file or folder from the start when it ends.")
+    width: int | None = Field(None, ge=1, description="Requested capture width (devices that support it).")
+    height: int | None = Field(None, ge=1, description="Requested capture height (devices that support it).")
+    fps: float | None = Field(None, gt=0, description="Requested capture rate; for file/folder, the replay rate.")
+    stall_timeout_s: float = Field(5.0, gt=0, description="No frame within this many seconds = stalled; reconnect.")
+    reconnect_min_s: float = Field(0.5, gt=0, description="First reconnect delay; doubles up to reconnect_max_s.")
+    reconnect_max_s: float = Field(30.0, gt=0, description="Longest reconnect delay.")
+
+    @model_validator(mode="after")
+    def _uri_needed(self) -> SourceConfig:
+        if not self.uri:
+            raise ValueError(f"source.uri is empty; set the {self.kind} to read (e.g. uri = \"parts.mp4\")")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("source.reconnect_max_s is below source.reconnect_min_s; raise reconnect_max_s")
+        return self
+
+
+class InspectionConfig(Section):
+    mode: Literal["free-run", "triggered"] = Field(
+        "free-run", description="free-run: inspect frames as they come; triggered: one frame per PLC trigger."
+    )
+    max_fps: float = Field(0.0, ge=0, description="Free-run rate cap in frames/s; 0 = every frame the scorer can take.")
+    queue_size: int = Field(2, ge=1, le=64, description="Frames waiting for inference; the oldest is dropped when full.")
+
+
+class TlsConfig(Section):
+    enabled: bool = Field(False, description="Connect with TLS; the server certificate is verified.")
+    ca_file: Path | None = Field(None, description="CA bundle that signed the broker's certificate; default: system CAs.")
+    cert_file: Path | None = Field(None, description="Client certificate for certificate authentication.")
+    key_file: Path | None = Field(None, description="Client private key for certificate authentication.")
+    insecure: bool = Field(False, description="Skip hostname verification (test benches only).")
+
+
+class MqttConfig(Section):
+    host: str = Field("", description="Broker host; empty = start an embedded broker on 127.0.0.1.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port (also the embedded broker's port).")
+    prefix: str = Field("edge-agent", description="Topic prefix; topics are <prefix>/<station>/verdict etc.")
+    protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT protocol version.")
+    client_id: str = Field("", description="Client id; default edge-agent-<station>.")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive.")
+    username: str = Field("", description="Username for password authentication.")
+    password_file: Path | None = Field(None, description="File holding the password (e.g. a systemd credential).")
+    password_env: str = Field("", description="Environment variable holding the password.")
+    heatmap: Literal["ng", "all", "never"] = Field("ng", description="Which verdicts get a heatmap JPEG.")
+    heatmap_quality: int = Field(80, ge=10, le=100, description="Heatmap JPEG quality.")
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings.")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_safe(cls, v: str) -> str:
+        for level in v.split("/"):
+            _check_topic_level(level)
+        return v
+
+    def password(self) -> str | None:
+        """The password from password_file or password_env; never logged."""
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"mqtt.password_file {self.password_file}: {e.strerror}; fix the path or permissions")
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(f"mqtt.password_env names {self.password_env!r}, which is not set; export it")
+            return value
+        return None
+
+
+class OutboxConfig(Section):
+    dir: Path = Field(Path("/var/lib/edge-agent/outbox"), description="Durable queue of unacknowledged messages.")
+    max_mb: float = Field(256.0, gt=0, description="Outbox size limit; heatmaps are dropped first when full.")
+
+
+class MetricsConfig(Section):
+    enabled: bool = Field(True, description="Serve Prometheus metrics over HTTP.")
+    bind: str = Field("127.0.0.1", description="Metrics bind address; loopback by default.")
+    port: int = Field(9108, ge=0, le=65535, description="Metrics port (0 = pick a free one).")
+
+
+class RetentionConfig(Section):
+    enabled: bool = Field(False, description="Save NG frames with their verdict JSON for audit and retraining.")
+    dir: Path = Field(Path("/var/lib/edge-agent/retention"), description="Where retained frames go.")
+    max_mb: float = Field(1024.0, gt=0, description="Folder size bound; the oldest files are removed first.")
+    ok_sample_rate: float = Field(0.0, ge=0, le=1, description="Fraction of OK frames to keep as well.")
+
+
+class LoggingConfig(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+
+class Config(Section):
+    station: StationConfig = Field(default_factory=StationConfig, description="Who this station is.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="What scores the frames.")
+    source: SourceConfig = Field(description="Where frames come from.")
+    inspection: InspectionConfig = Field(default_factory=InspectionConfig, description="When to inspect.")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Where verdicts go.")
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="Durable delivery.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint.")
+    retention: RetentionConfig = Field(default_factory=RetentionConfig, description="Audit copies of frames.")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
+
+
+def _check_topic_level(level: str) -> None:
+    if not level or any(c in level for c in "+#/\0"):
+        raise ValueError(f"{level!r} is not a valid MQTT topic level; use letters, digits, '-' or '_' without + # /")
+
+
+def _parse_value(text: str) -> Any:
+    """A --set value: TOML scalar syntax when it parses (1, 2.5, true, "x"), else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (from --set) to raw TOML data."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r} is not key=value; write e.g. --set mqtt.port=1884")
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part} is not a section; check the key name")
+        node[leaf] = _parse_value(value.strip())
+    return data
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key {key!r}; remove it or check its spelling (deploy/config.example.toml lists every key)")
+        elif e["type"] == "missing":
+            lines.append(f"{source}: {key} is required; add it")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{source}: {key} = {e.get('input')!r}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | str, overrides: list[str] | None = None) -> Config:
+    """Read, override and validate a station config; ConfigError names every problem."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found; copy deploy/config.example.toml there")
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}")
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}")
+    data = apply_overrides(data, overrides or [])
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_errors(e, str(path)))
+    return _resolve_paths(config, path.parent)
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    """Relative paths in a config file are relative to the file, so a config works from any cwd."""
+
+    def fix(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else (base / p)
+
+    src = config.source
+    if src.kind in ("file", "folder") and not Path(src.uri).is_absolute():
+        src = src.model_copy(update={"uri": str(base / src.uri)})
+    return config.model_copy(
+        update={
+            "model": config.model.model_copy(
+                update={"path": fix(config.model.path), "ignore_mask": fix(config.model.ignore_mask)}
+            ),
+            "source": src,
+            "outbox": config.outbox.model_copy(update={"dir": fix(config.outbox.dir)}),
+            "retention": config.retention.model_copy(update={"dir": fix(config.retention.dir)}),
+        }
+    )

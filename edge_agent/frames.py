@@ -1,0 +1,34 @@
+"""Messages that flow between the daemon's stages: capture -> infer -> publish.
+
+Images are HWC uint8 numpy arrays as OpenCV delivers them (BGR, or HW for grayscale)
+everywhere outside patches.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """A PLC request to inspect the next frame; ids are echoed in the verdict."""
+
+    trigger_id: str
+    part_id: str
+    recipe: str | None = None
+    job_id: str | None = None
+    received_at: float = 0.0  # epoch s
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One captured image and where it came from."""
+
+    seq: int  # per-process capture sequence number, starts at 1
+    image: np.ndarray  # HWC uint8 (BGR) or HW uint8
+    captured_at: float  # epoch s
+    source: str = ""
+    trigger: Trigger | None = None
+    stage_s: dict[str, float] = field(default_factory=dict)  # per-stage latency so far
