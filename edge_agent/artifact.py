@@ -1,0 +1,152 @@
+"""The model artifact: one TorchScript file with its model card (JSON) inside as an extra file.
+
+The card's checksum covers every entry of the archive (code, weights) and the card itself, so a
+truncated, corrupted or edited file is refused before torch reads it. Writes are atomic.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from edge_agent.errors import ModelError
+
+CARD_NAME = "model_card.json"
+FORMAT = "edge-agent-model/1"
+# Entries whose bytes say nothing about the model: the card (hashed separately, without its checksum)
+# and torch's per-save id.
+_UNHASHED = {f"extra/{CARD_NAME}", ".data/serialization_id"}
+
+
+def _relname(name: str) -> str:
+    # torch names the archive's top folder after the file, so hash names without it.
+    return name.split("/", 1)[1] if "/" in name else name
+
+
+def _canonical(card: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in card.items() if k != "checksum"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _digest(zf: zipfile.ZipFile, card: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    for info in sorted(zf.infolist(), key=lambda i: _relname(i.filename)):
+        rel = _relname(info.filename)
+        if rel in _UNHASHED or info.is_dir():
+            continue
+        h.update(rel.encode() + b"\0")
+        h.update(zf.read(info))  # zipfile checks each entry's CRC here
+    h.update(_canonical(card))
+    return "sha256:" + h.hexdigest()
+
+
+def _read_zip(path: Path) -> tuple[zipfile.ZipFile, dict[str, Any]]:
+    if not path.exists():
+        raise ModelError(f"model file {path} not found; train one with `edge-agent train` or fix the path")
+    if path.is_dir():
+        raise ModelError(f"model path {path} is a folder; give the .pt file")
+    try:
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ModelError(
+            f"{path} is not a readable edge-agent model ({e}); the file is truncated or not a model: re-export it"
+        ) from None
+    names = [n for n in zf.namelist() if _relname(n) == f"extra/{CARD_NAME}"]
+    if not names:
+        zf.close()
+        raise ModelError(f"{path} has no model card; it was not exported by edge-agent: export it with `edge-agent train`")
+    try:
+        card = json.loads(zf.read(names[0]))
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        zf.close()
+        raise ModelError(f"{path}: its model card is unreadable ({e}); the file is corrupted: re-export it") from None
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
+        zf.close()
+        got = card.get("format") if isinstance(card, dict) else None
+        raise ModelError(f"{path}: model card format {got!r} is not {FORMAT!r}; re-export it with this edge-agent")
+    return zf, card
+
+
+def verify(path: Path | str) -> dict[str, Any]:
+    """Check the file's checksum and return its card; ModelError with one line if it does not hold."""
+    path = Path(path)
+    zf, card = _read_zip(path)
+    with zf:
+        try:
+            actual = _digest(zf, card)
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise ModelError(f"{path} is corrupted ({e}); restore it or re-export it") from None
+    if actual != card.get("checksum"):
+        raise ModelError(
+            f"{path} failed its checksum (card says {card.get('checksum')}, file is {actual}): "
+            "the file was modified or corrupted; restore it or re-export it"
+        )
+    return card
+
+
+def load(path: Path | str, map_location: str = "cpu"):
+    """Verify, then load: (TorchScript module in eval mode, card)."""
+    import torch
+
+    path = Path(path)
+    card = verify(path)
+    try:
+        module = torch.jit.load(str(path), map_location=map_location)
+    except Exception as e:  # torch raises RuntimeError subclasses with multi-line text
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path} passed its checksum but torch cannot load it: {first}") from None
+    module.eval()
+    return module, card
+
+
+def _save_bytes(module, card: dict[str, Any]) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.jit.save(module, buf, _extra_files={CARD_NAME: json.dumps(card, indent=2, sort_keys=True)})
+    return buf.getvalue()
+
+
+def save(module, card: dict[str, Any], path: Path | str) -> dict[str, Any]:
+    """Write module + card atomically (temp file, fsync, rename); returns the card with its checksum."""
+    card = copy.deepcopy(card)
+    card["format"] = FORMAT
+    card.pop("checksum", None)
+    with zipfile.ZipFile(io.BytesIO(_save_bytes(module, card))) as zf:
+        card["checksum"] = _digest(zf, card)
+    data = _save_bytes(module, card)
+    write_atomic(Path(path), data)
+    return card
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace path with data so that a crash at any moment leaves either the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def update_card(path: Path | str, change) -> dict[str, Any]:
+    """Load, apply change(card) -> card, and rewrite atomically with a new checksum. Returns the new card."""
+    module, card = load(path)
+    return save(module, change(copy.deepcopy(card)), path)

@@ -1,0 +1,214 @@
+"""The `edge-agent` command line: parse, call one function, map errors to exit codes.
+
+A user mistake prints one line `edge-agent: error: ...` on stderr and exits non-zero (2 for usage,
+configuration and model problems, 1 for data); never a traceback. EDGE_AGENT_DEBUG=1 shows them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edge_agent.errors import DataError, EdgeAgentError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Streaming edge inspection agent: train on good parts, calibrate, score, evaluate, run the station daemon.",
+)
+
+Model = Annotated[Path, typer.Argument(help="Model file (.pt) exported by `edge-agent train`.")]
+
+
+def _json_line(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, default=float) + "\n")
+    sys.stdout.flush()
+
+
+def _box(box) -> dict | None:
+    return None if box is None else dict(zip(("x", "y", "w", "h"), (int(v) for v in box)))
+
+
+@app.command()
+def train(
+    data_dir: Annotated[Path, typer.Argument(help="Folder of good images (png/jpg/bmp/tif).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model file to write (.pt).")],
+    model: Annotated[str, typer.Option(help="Model family: vae or ae.")] = "vae",
+    patch_size: Annotated[int, typer.Option(help="Patch size P (>= 16; the seed used 96).")] = 32,
+    stride: Annotated[int, typer.Option(help="Patch stride S when scoring (the seed used 16).")] = 8,
+    channels: Annotated[int, typer.Option(help="1 = grayscale, 3 = BGR colour.")] = 1,
+    nc: Annotated[int, typer.Option(help="Channels of the first conv layer (Nc; seed: 16, 32 or 64).")] = 32,
+    nz: Annotated[int, typer.Option(help="Latent size (Nz; seed: 2..100).")] = 20,
+    batch_size: Annotated[int, typer.Option(help="Crops per training step.")] = 64,
+    epochs: Annotated[int, typer.Option(help="Epochs (one epoch = as many crops as the images have patches).")] = 10,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop after this many minutes, whatever the epochs.")] = None,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (seed: 1e-3).")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = 1e-5,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed and data give the same model.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast where the hardware has it), fp32 or bf16.")] = "auto",
+    name: Annotated[Optional[str], typer.Option(help="Model id in the card; default: the file name.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train a model on good images and export one self-describing TorchScript file."""
+    from edge_agent.train.fit import FAMILIES, TrainOptions, fit
+
+    if model not in FAMILIES:
+        raise DataError(f"--model {model!r} is not a model family; choose one of: {', '.join(FAMILIES)}")
+    if channels not in (1, 3):
+        raise DataError(f"--channels {channels} must be 1 (gray) or 3 (BGR)")
+    if precision not in ("auto", "fp32", "bf16"):
+        raise DataError(f"--precision {precision!r} must be auto, fp32 or bf16")
+    opts = TrainOptions(model=model, patch_size=patch_size, stride=stride, channels=channels, nc=nc, nz=nz,
+                        batch_size=batch_size, epochs=epochs, max_minutes=max_minutes, lr=lr,
+                        weight_decay=weight_decay, seed=seed, device=device, precision=precision, name=name,
+                        progress=not quiet)
+    card = fit(data_dir, out, opts)
+    t = card["training"]
+    th = card["thresholds"][card["scores"]["default"]]
+    typer.echo(f"wrote {out}: {card['family']} P={opts.patch_size} S={opts.stride}, {t['steps']} steps in "
+               f"{t['seconds']} s ({t['stopped_by']}), final loss {t['final_loss']:.4g}; threshold "
+               f"{card['scores']['default']} = {th['value']:.6g} (max over {th['images']} training images)", err=True)
+
+
+@app.command()
+def score(
+    model: Model,
+    paths: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
+    json_out: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,
+    score_name: Annotated[Optional[str], typer.Option("--score", help="Score name; default: the card's.")] = None,
+    heatmaps: Annotated[Optional[Path], typer.Option(help="Write an overlay PNG per image into this folder.")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Override the card's threshold.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Score images: image score = the highest patch score; anomalous when it is over the threshold."""
+    import cv2
+
+    from edge_agent.images import list_images, read_image
+    from edge_agent.scoring import Scorer
+    from edge_agent.verdict import decide, overlay
+
+    files = list_images(paths)
+    scorer = Scorer(model, device=device, score_name=score_name, threshold=threshold)
+    if heatmaps is not None:
+        heatmaps.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for f in files:
+        try:
+            image = read_image(f)
+            fs = scorer.score_image(image)
+        except EdgeAgentError as e:
+            failed += 1
+            typer.echo(f"edge-agent: error: {e}", err=True)
+            if json_out:
+                _json_line({"image": str(f), "error": str(e), "anomalous": None})
+            continue
+        d = decide(fs.grid, fs.scores, scorer.threshold)
+        row = {"image": str(f), "score": d.score, "threshold": scorer.threshold, "anomalous": d.anomalous,
+               "result": d.result, "score_name": scorer.score_name, "worst_patch": _box(d.worst_box),
+               "patches_over_threshold": d.patches_over, "patches_total": d.patches_total}
+        if d.error:
+            row["error"] = d.error
+            failed += 1
+        if heatmaps is not None:
+            out = heatmaps / f"{f.stem}_heatmap.png"
+            cv2.imwrite(str(out), overlay(image, fs.grid, fs.scores, scorer.threshold, d))
+            row["heatmap"] = str(out)
+        if json_out:
+            _json_line(row)
+        else:
+            typer.echo(f"{d.result:5s} {d.score:12.6g}  (threshold {scorer.threshold:.6g}, "
+                       f"{d.patches_over}/{d.patches_total} patches over)  {f}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    models: Annotated[list[Path], typer.Argument(help="One or more model files to compare.")],
+    good: Annotated[Path, typer.Option(help="Folder of good test images (never used for training).")],
+    defect: Annotated[Path, typer.Option(help="Folder of defective test images.")],
+    masks: Annotated[Optional[Path], typer.Option(help="Folder of ground-truth masks (same names) for pixel AUROC.")] = None,
+    score_names: Annotated[Optional[list[str]], typer.Option("--score", help="Scores to compare (repeat); default: all.")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Write report.json, roc.png and histograms.png here.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    allow_overlap: Annotated[bool, typer.Option(help="Evaluate even if test images were used for training.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Image ROC-AUC (the seed's metric), pixel ROC-AUC, best-F1 threshold; several scores and models in one report."""
+    from edge_agent.evaluate_cmd import run_evaluation
+
+    summary = run_evaluation(models, good, defect, masks, score_names, report, device, allow_overlap, not quiet)
+    typer.echo(summary)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write the synthetic station data set into.")],
+    train_images: Annotated[int, typer.Option("--train", help="Good training images.")] = 200,
+    calib_images: Annotated[int, typer.Option("--calib", help="Good calibration images.")] = 100,
+    test_good: Annotated[int, typer.Option(help="Good test images.")] = 100,
+    test_defect: Annotated[int, typer.Option(help="Defective test images (with masks).")] = 100,
+    seed: Annotated[int, typer.Option(help="Data set seed.")] = 0,
+    video: Annotated[Optional[Path], typer.Option(help="Also write a station video (.avi) here.")] = None,
+    frames: Annotated[int, typer.Option(help="Frames in the video.")] = 100,
+    defect_every: Annotated[int, typer.Option(help="Every Nth part in the video is defective (0 = none).")] = 5,
+) -> None:
+    """Write the bundled synthetic station: good parts (train/calib/test), defects with masks, a video."""
+    from edge_agent.synth import write_dataset, write_video
+
+    counts = write_dataset(out, train_images, calib_images, test_good, test_defect, seed)
+    typer.echo(f"wrote {sum(counts.values())} images to {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()), err=True)
+    if video is not None:
+        bad = write_video(video, frames, seed, defect_every)
+        typer.echo(f"wrote {video}: {len(bad)} frames, {sum(bad)} defective", err=True)
+
+
+@app.command()
+def info(model: Model) -> None:
+    """Verify a model file's checksum and print its model card (JSON)."""
+    from edge_agent import artifact
+
+    typer.echo(json.dumps(artifact.verify(model), indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("EDGE_AGENT_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+    try:
+        rc = app(args=argv, standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except EdgeAgentError as e:
+        if os.environ.get("EDGE_AGENT_DEBUG"):
+            raise
+        sys.stderr.write(f"edge-agent: error: {e}\n")
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.stderr.write("edge-agent: aborted\n")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if os.environ.get("EDGE_AGENT_DEBUG"):
+            raise
+        sys.stderr.write(f"edge-agent: internal error: {type(e).__name__}: {e} (EDGE_AGENT_DEBUG=1 shows the traceback)\n")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""`edge-agent evaluate`: score good and defective test images with one or more models and compare scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.errors import DataError
+from edge_agent.evaluation import (ScoringRun, best_f1, operating_point, pixel_auroc, read_masks, roc_auc,
+                                   score_files, write_json, write_plots)
+from edge_agent.images import file_hashes, list_images
+from edge_agent.scoring import Scorer
+
+
+def check_not_trained_on(card: dict[str, Any], files: list[Path], model: Path) -> None:
+    """Honest evaluation: refuse test images that the model was trained or calibrated on."""
+    used = set(card.get("training", {}).get("image_hashes", []))
+    for entry in card.get("thresholds", {}).values():
+        used |= set(entry.get("image_hashes", []))
+    overlap = [f for f, h in zip(files, file_hashes(files)) if h in used]
+    if overlap:
+        raise DataError(f"{len(overlap)} test images (e.g. {overlap[0]}) were used to train or calibrate {model}; "
+                        "evaluate on images the model has never seen (or pass --allow-overlap)")
+
+
+def run_evaluation(models: list[Path], good: Path, defect: Path, masks: Path | None, score_names: list[str] | None,
+                   report: Path | None, device: str, allow_overlap: bool, progress: bool) -> str:
+    good_files = list_images(good, what="--good")
+    defect_files = list_images(defect, what="--defect")
+    files = good_files + defect_files
+    labels = np.array([0] * len(good_files) + [1] * len(defect_files))
+    out: dict[str, Any] = {"good_images": len(good_files), "defect_images": len(defect_files),
+                           "good_dir": str(good), "defect_dir": str(defect), "models": []}
+    curves: dict[str, dict[str, Any]] = {}
+    rows = []
+    for model in models:
+        scorer = Scorer(model, device=device, warmup=True)
+        card = scorer.card
+        if not allow_overlap:
+            check_not_trained_on(card, files, model)
+        names = score_names or card["scores"]["names"]
+        unknown = [n for n in names if n not in card["scores"]["names"]]
+        if unknown:
+            raise DataError(f"--score {unknown[0]!r} is not a score of {model}; choose from: {', '.join(card['scores']['names'])}")
+        run = ScoringRun()
+        results = score_files(scorer, files, names, progress=progress, label=f"evaluate {model.name}", run=run)
+        mask_list = None
+        if masks is not None:
+            mask_list = [None] * len(good_files) + read_masks(defect_files, masks, [r.grid for r in results[len(good_files):]])
+        entry: dict[str, Any] = {"model": str(model), "model_id": scorer.model_id, "family": card.get("family"),
+                                 "checksum": scorer.checksum, "patches_per_s": run.patches_per_s,
+                                 "device": str(scorer.device), "scores": {}}
+        for name in names:
+            image_scores = np.array([r.image_score(name) for r in results])
+            th = card.get("thresholds", {}).get(name, {}).get("value", float("nan"))
+            result = {
+                "image_auroc": roc_auc(labels, image_scores),
+                "pixel_auroc": pixel_auroc(results, mask_list, name) if mask_list is not None else None,
+                "best_f1": best_f1(labels, image_scores),
+                "at_card_threshold": operating_point(labels, image_scores, th),
+                "good_scores": {"min": float(image_scores[labels == 0].min()), "max": float(image_scores[labels == 0].max())},
+                "defect_scores": {"min": float(image_scores[labels == 1].min()), "max": float(image_scores[labels == 1].max())},
+            }
+            entry["scores"][name] = result
+            label = name if len(models) == 1 else f"{scorer.model_id}:{name}"
+            curves[label] = {"labels": labels, "scores": image_scores, "auroc": result["image_auroc"], "threshold": th,
+                             "best_f1_threshold": result["best_f1"]["threshold"]}
+            pix = result["pixel_auroc"]
+            rows.append(f"{label:24s} {result['image_auroc']:11.4f} {('%.4f' % pix) if pix is not None else '-':>11s} "
+                        f"{result['best_f1']['f1']:8.4f} {run.patches_per_s:11.0f}")
+        out["models"].append(entry)
+    if report is not None:
+        out["plots"] = [str(p) for p in write_plots(report, curves)]
+        write_json(report / "report.json", out)
+    header = f"{'score':24s} {'image AUROC':>11s} {'pixel AUROC':>11s} {'best F1':>8s} {'patches/s':>11s}"
+    lines = [f"{len(good_files)} good, {len(defect_files)} defective images", header, *rows]
+    if report is not None:
+        lines.append(f"report: {report / 'report.json'}, {report / 'roc.png'}, {report / 'histograms.png'}")
+    return "\n".join(lines)

@@ -1,0 +1,214 @@
+"""The seed networks as pure, scriptable nn.Modules: the Gaussian-decoder VAE and the autoencoder.
+
+Every model takes patches x (N, C, P, P) float in [0, 1] and scores them (N,) float32, higher =
+more anomalous. The exported TorchScript keeps these methods: forward, score, scores, pixel_map.
+"""
+
+import math
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MAX_DEPTH = 5  # the seed's encoder: 5 conv layers, kernel 4, stride 2
+MIN_BOTTLENECK = 3
+
+
+def encoder_sizes(patch_size: int) -> List[int]:
+    """Spatial sizes through the encoder: [P, P//2, ...]; as deep as the seed (5) while the map stays >= 3.
+
+    P=96 gives the seed's 5 layers (96..3), P=28 gives 3 (28, 14, 7, 3), P=16 gives 2 (16, 8, 4).
+    """
+    sizes = [patch_size]
+    while len(sizes) <= MAX_DEPTH and sizes[-1] // 2 >= MIN_BOTTLENECK:
+        sizes.append(sizes[-1] // 2)
+    if len(sizes) < 3:
+        raise ValueError(f"patch size {patch_size} is too small; use a patch size >= 16")
+    return sizes
+
+
+class ConvEncoder(nn.Module):
+    """Conv(4x4, stride 2) + BatchNorm + ReLU layers; layer n has nc * 2**(n-1) channels; then one linear layer."""
+
+    def __init__(self, channels: int, patch_size: int, nc: int, out_features: int):
+        super().__init__()
+        sizes = encoder_sizes(patch_size)
+        layers: List[nn.Module] = []
+        c_in = channels
+        for n in range(len(sizes) - 1):
+            c_out = nc * 2**n
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            c_in = c_out
+        self.conv = nn.Sequential(*layers)
+        self.fc = nn.Linear(c_in * sizes[-1] ** 2, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.conv(x), 1))
+
+
+class ConvDecoder(nn.Module):
+    """The encoder's mirror: linear, then ConvTranspose(4x4, stride 2) layers back to P x P."""
+
+    def __init__(self, out_channels: int, patch_size: int, nc: int, nz: int):
+        super().__init__()
+        sizes = encoder_sizes(patch_size)
+        depth = len(sizes) - 1
+        self.c0 = nc * 2 ** (depth - 1)
+        self.s0 = sizes[-1]
+        self.fc = nn.Linear(nz, self.c0 * self.s0**2)
+        layers: List[nn.Module] = [nn.BatchNorm2d(self.c0), nn.ReLU(inplace=True)]
+        c_in = self.c0
+        for n in range(depth - 1, -1, -1):
+            # output_padding restores the pixel that floor-halving dropped, so any P >= 16 round-trips.
+            pad = sizes[n] - 2 * sizes[n + 1]
+            last = n == 0
+            c_out = out_channels if last else nc * 2 ** (n - 1)
+            layers.append(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, output_padding=pad, bias=last))
+            if not last:
+                layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            c_in = c_out
+        self.deconv = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.deconv(self.fc(z).view(-1, self.c0, self.s0, self.s0))
+
+
+class VAE(nn.Module):
+    """SPEC 2.1: Gaussian encoder and Gaussian decoder with a learned per-pixel sigma_x.
+
+    Scores (MAP latent z = mu_z, no sampling): m = normalized distance (default, "unregularized"),
+    d = KL regularizer, a = log normalizer, elbo = d + a + m.
+    """
+
+    score_names: List[str]
+    default_score: str
+
+    def __init__(self, channels: int = 1, patch_size: int = 32, nc: int = 32, nz: int = 20, sigma_min: float = 0.01):
+        super().__init__()
+        self.channels = channels
+        self.patch_size = patch_size
+        self.nz = nz
+        self.sigma_min = sigma_min
+        self.encoder = ConvEncoder(channels, patch_size, nc, 2 * nz)
+        self.decoder = ConvDecoder(2 * channels, patch_size, nc, nz)
+        self.score_names = ["m", "elbo", "d", "a"]
+        self.default_score = "m"
+
+    def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x (N,C,P,P) -> (mu_z, log sigma_z^2), each (N, Nz), float32."""
+        h = self.encoder(x).float()
+        return h[:, : self.nz], h[:, self.nz :].clamp(-20.0, 10.0)
+
+    def decode(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """z (N, Nz) -> (mu_x, sigma_x), each (N,C,P,P) float32; sigma_x >= sigma_min."""
+        out = self.decoder(z).float()
+        mu = torch.sigmoid(out[:, : self.channels])
+        sigma = self.sigma_min + F.softplus(out[:, self.channels :])
+        return mu, sigma
+
+    def terms(self, x: torch.Tensor, z: torch.Tensor, mu_z: torch.Tensor, logvar_z: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The negative ELBO's three terms per patch, for the latent z decoded."""
+        x = x.float()
+        mu_x, sigma_x = self.decode(z)
+        d = 0.5 * (-logvar_z - 1.0 + logvar_z.exp() + mu_z.pow(2)).sum(1)
+        a = (torch.log(sigma_x) + 0.5 * math.log(2.0 * math.pi)).flatten(1).sum(1)
+        m = (0.5 * ((mu_x - x) / sigma_x).pow(2)).flatten(1).sum(1)
+        return {"d": d, "a": a, "m": m}
+
+    @torch.jit.export
+    def scores(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        mu_z, logvar_z = self.encode(x)
+        t = self.terms(x, mu_z, mu_z, logvar_z)
+        t["elbo"] = t["d"] + t["a"] + t["m"]
+        return t
+
+    @torch.jit.export
+    def score(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if name == "m":
+            mu_z, _ = self.encode(x)
+            mu_x, sigma_x = self.decode(mu_z)
+            return (0.5 * ((mu_x - x.float()) / sigma_x).pow(2)).flatten(1).sum(1)
+        if name not in self.score_names:
+            raise ValueError("unknown score name")
+        return self.scores(x)[name]
+
+    @torch.jit.export
+    def pixel_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, P, P): each pixel's share of m, summed over channels."""
+        mu_z, _ = self.encode(x)
+        mu_x, sigma_x = self.decode(mu_z)
+        return (0.5 * ((mu_x - x.float()) / sigma_x).pow(2)).sum(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(x, self.default_score)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    g = torch.exp(-((torch.arange(size, dtype=torch.float32) - size // 2) ** 2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :])[None, None]
+
+
+class AE(nn.Module):
+    """SPEC 2.2: the same conv architecture, deterministic, trained with MSE.
+
+    Scores: l2 = mean squared error (default), l1 = sum of absolute differences, ssim = 1 - mean SSIM.
+    """
+
+    score_names: List[str]
+    default_score: str
+
+    def __init__(self, channels: int = 1, patch_size: int = 32, nc: int = 32, nz: int = 20):
+        super().__init__()
+        self.channels = channels
+        self.patch_size = patch_size
+        self.encoder = ConvEncoder(channels, patch_size, nc, nz)
+        self.decoder = ConvDecoder(channels, patch_size, nc, nz)
+        self.register_buffer("window", _gaussian_window().repeat(channels, 1, 1, 1))
+        self.score_names = ["l2", "l1", "ssim"]
+        self.default_score = "l2"
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.decoder(self.encoder(x)).float())
+
+    def ssim_map(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-pixel SSIM (Wang et al. 2004; 11x11 Gaussian window, sigma 1.5), (N, C, P, P)."""
+        c1, c2 = 0.01**2, 0.03**2
+        pad = self.window.shape[-1] // 2
+        w = self.window.to(x.dtype)
+        g = self.channels
+        mx = F.conv2d(x, w, padding=pad, groups=g)
+        my = F.conv2d(y, w, padding=pad, groups=g)
+        sxx = F.conv2d(x * x, w, padding=pad, groups=g) - mx * mx
+        syy = F.conv2d(y * y, w, padding=pad, groups=g) - my * my
+        sxy = F.conv2d(x * y, w, padding=pad, groups=g) - mx * my
+        return ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+
+    def _all(self, x: torch.Tensor, x_hat: torch.Tensor) -> Dict[str, torch.Tensor]:
+        diff = x_hat - x
+        return {
+            "l2": diff.pow(2).flatten(1).mean(1),
+            "l1": diff.abs().flatten(1).sum(1),
+            "ssim": 1.0 - self.ssim_map(x, x_hat).flatten(1).mean(1),
+        }
+
+    @torch.jit.export
+    def scores(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        x = x.float()
+        return self._all(x, self.reconstruct(x))
+
+    @torch.jit.export
+    def score(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if name not in self.score_names:
+            raise ValueError("unknown score name")
+        return self.scores(x)[name]
+
+    @torch.jit.export
+    def pixel_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, P, P): |x - x_hat| averaged over channels."""
+        x = x.float()
+        return (x - self.reconstruct(x)).abs().mean(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(x, self.default_score)
