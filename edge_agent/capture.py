@@ -6,6 +6,7 @@ First stage of the flow: capture -> patches -> scoring -> verdict -> mqtt/metric
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -46,13 +47,23 @@ class FrameSource(Protocol):
         """Open or reopen; raises CameraError naming the source and the fix."""
 
     def read(self) -> np.ndarray | None:
-        """The next image; None on a read failure (the caller reconnects).
+        """The next image; None or CameraError (with the reason) on a failure: the caller reconnects.
         Raises EndOfStream when a non-looping finite source is done, BadFrame for one unreadable frame."""
 
     def close(self) -> None: ...
 
     def describe(self) -> str:
         """The source for log lines, credentials removed."""
+
+
+class CaptureMetrics(Protocol):
+    """The hooks Capture calls; metrics.Metrics implements them."""
+
+    def camera_up(self, up: bool) -> None: ...
+
+    def camera_reconnect(self) -> None: ...
+
+    def frame_rejected(self, reason: str) -> None: ...
 
 
 def _redact(url: str) -> str:
@@ -148,6 +159,7 @@ class UrlSource(_OpenCvSource):
         return f"stream {_redact(self.cfg.uri)}"
 
 
+@functools.cache
 def gstreamer_available() -> bool:
     return re.search(r"GStreamer:\s*YES", cv2.getBuildInformation()) is not None
 
@@ -203,11 +215,7 @@ class VideoFileSource(_OpenCvSource):
             raise EndOfStream(self.describe())
         if self._frames_this_pass == 0:
             return None  # an empty pass would loop without end; treat it as a failure and back off
-        try:
-            self.open()
-        except CameraError as e:
-            logger.debug("reopening %s for the next loop failed: %s", self.describe(), e)
-            return None
+        self.open()  # a CameraError here (file removed) is an outage with its reason
         return self.read()
 
     def describe(self) -> str:
@@ -245,11 +253,7 @@ class FolderSource:
                 raise EndOfStream(self.describe())
             if self._good_this_pass == 0:
                 return None
-            try:
-                self.open()
-            except CameraError as e:
-                logger.debug("relisting %s for the next loop failed: %s", self.describe(), e)
-                return None
+            self.open()
         path = self._files[self._next]
         self._next += 1
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -293,7 +297,7 @@ class Capture:
       the consumer has room (e.g. queue.put with a timeout in a loop that checks stop), so
       every stored frame is inspected and none is dropped. Capture never drops on its own.
 
-    A read that returns None or takes longer than stall_timeout_s is an outage: the source is
+    A read that returns None, raises CameraError or takes longer than stall_timeout_s is an outage: the source is
     closed and reopened with exponential backoff (stop.wait, so shutdown is prompt). A blocking
     read is bounded by the backend (URL sources set FFmpeg's read timeout from stall_timeout_s).
     """
@@ -304,14 +308,14 @@ class Capture:
         cfg: SourceConfig,
         on_frame: Callable[[Frame], None],
         stop: threading.Event,
-        metrics=None,
+        metrics: CaptureMetrics | None = None,
         expected_shape: tuple[int, int, int] | None = None,
         *,
         name: str | None = None,
         on_end: Callable[[], None] | None = None,
         on_camera: Callable[[bool], None] | None = None,
     ) -> None:
-        """metrics: duck-typed (camera_up, camera_reconnect, frame_rejected), e.g. metrics.Metrics.
+        """expected_shape: (H, W, C) the model takes; other frames are rejected and counted.
         on_end: called once when a non-looping file/folder is done. on_camera: camera up/down changes."""
         self.source = source
         self.cfg = cfg
@@ -380,6 +384,8 @@ class Capture:
         """Read until stop ("stop"), end of stream ("end") or an outage ("outage")."""
         period_s = 1.0 / self.cfg.fps if self.pace == "fps" and self.cfg.fps else 0.0
         due = time.monotonic()
+        # The first read after an open may wait for a stream's key frame; it is not a stall.
+        first_read = True
         while not self.stop.is_set():
             if period_s:
                 if self.stop.wait(max(0.0, due - time.monotonic())):
@@ -398,14 +404,18 @@ class Capture:
             except BadFrame as e:
                 self._reject("bad_frame", str(e), "skipping an unreadable frame: %s", e)
                 continue
+            except CameraError as e:
+                self._set_down(str(e))
+                return "outage"
             read_s = time.monotonic() - started
             if image is None:
                 self._set_down("read failed")
                 return "outage"
-            if read_s > self.cfg.stall_timeout_s:
+            if read_s > self.cfg.stall_timeout_s and not first_read:
                 self.counts["stalls"] += 1
                 self._set_down(f"read stalled for {read_s:.1f} s (stall_timeout_s={self.cfg.stall_timeout_s})")
                 return "outage"
+            first_read = False
             if not self._shape_ok(image):
                 continue
             self._frame_arrived()
@@ -463,7 +473,7 @@ class Capture:
         if self._down_since is None:
             self._down_since = time.monotonic()
             logger.warning(
-                "camera %s down: %s; reconnecting with backoff %.1f..%.1f s",
+                "camera %s down: %s; reconnecting with backoff %g..%g s",
                 self.source.describe(), why, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s,
             )
         else:

@@ -248,7 +248,7 @@ def test_outage_reconnects_with_backoff(caplog, script, reconnects, waits):
     assert any(r.levelno == logging.INFO and "up again" in r.getMessage() for r in caplog.records)
 
 
-def test_removed_file_reconnects_and_recovers(video, tmp_path):
+def test_removed_file_reconnects_and_recovers(video, tmp_path, caplog):
     cfg = SourceConfig(kind="file", uri=str(video), loop=True, **FAST)
     hidden = tmp_path / "hidden.avi"
     with Run(make_source(cfg), cfg, keep=lambda f: f.seq) as run:
@@ -261,6 +261,8 @@ def test_removed_file_reconnects_and_recovers(video, tmp_path):
         wait_for(lambda: len(run.frames) >= count + 5)
     assert run.camera[:3] == [True, False, True]
     assert run.sample("edge_agent_camera_reconnects_total") >= 3
+    downs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(downs) == 1 and "not found" in downs[0]  # the outage says why, once
 
 
 @pytest.mark.parametrize("phase", ["backoff", "fps_wait"])
@@ -355,3 +357,10 @@ def test_gstreamer_pipeline_reads():
         assert source.read().shape == (H, W, 3)
     finally:
         source.close()
+
+
+def test_slow_first_read_after_open_is_not_a_stall():
+    cfg = SourceConfig(kind="device", uri="0", **FAST)
+    with Run(FakeSource(["stall"], stall_s=0.6), cfg, keep=lambda f: f.seq) as run:
+        wait_for(lambda: len(run.frames) >= 3)
+    assert run.capture.counts["reconnects"] == 0 and run.capture.counts["stalls"] == 0
