@@ -175,7 +175,9 @@ class GStreamerSource(_OpenCvSource):
                 "(e.g. the distro's python3-opencv) or use kind = \"url\" / \"device\""
             )
         if "appsink" not in self.cfg.uri:
-            raise CameraError(f"GStreamer pipeline {self.cfg.uri!r} has no appsink; end it with '! videoconvert ! appsink'")
+            raise CameraError(
+                f"GStreamer pipeline {self.cfg.uri!r} has no appsink; end it with '! videoconvert ! appsink'"
+            )
         super().open()
 
     def _create(self) -> cv2.VideoCapture:
@@ -436,7 +438,8 @@ class Capture:
         self._reject(
             "wrong_size",
             (shape, image.dtype.str),
-            "rejecting frames of shape %s %s from %s; the model expects %s uint8 (set source.width/height or fix the ROI)",
+            "rejecting frames of shape %s %s from %s; the model expects %s uint8 "
+            "(set source.width/height or fix the ROI)",
             shape, image.dtype, self.source.describe(), tuple(self.expected_shape),
         )
         return False
