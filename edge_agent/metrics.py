@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
@@ -165,7 +166,7 @@ class Metrics:
         # The reason goes to the caller's log line, not a label: free-form text would explode cardinality.
         self.triggers.labels(result="rejected").inc()
 
-    def serve(self, bind: str = "127.0.0.1", port: int = 0) -> tuple[object, int]:
+    def serve(self, bind: str = "127.0.0.1", port: int = 0) -> tuple[WSGIServer, int]:
         """Serve /metrics on a daemon thread; returns (server, actual port). Stop with server.shutdown()."""
         server, _thread = start_http_server(port, addr=bind, registry=self.registry)
         actual = server.server_port

@@ -1,5 +1,7 @@
 import logging
 import queue
+import shutil
+import subprocess
 import threading
 import time
 
@@ -364,3 +366,17 @@ def test_slow_first_read_after_open_is_not_a_stall():
     with Run(FakeSource(["stall"], stall_s=0.6), cfg, keep=lambda f: f.seq) as run:
         wait_for(lambda: len(run.frames) >= 3)
     assert run.capture.counts["reconnects"] == 0 and run.capture.counts["stalls"] == 0
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
+def test_ffmpeg_encoded_video_frames_counted_exactly(tmp_path):
+    path = tmp_path / "h264.mp4"
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", f"testsrc=size={W}x{H}:rate=10", "-frames:v", "7",
+         "-pix_fmt", "yuv420p", str(path)],
+        check=True, timeout=60,
+    )
+    cfg = SourceConfig(kind="file", uri=str(path))
+    with Run(make_source(cfg), cfg, expected_shape=(H, W, 3), keep=lambda f: f.seq) as run:
+        assert run.ended.wait(5)
+    assert run.frames == list(range(1, 8))
