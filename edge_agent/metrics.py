@@ -1,0 +1,175 @@
+"""Every Prometheus metric of the daemon, in one class that takes a registry.
+
+The stages call small hooks (`camera_up`, `dropped`, `published`...) and never touch
+prometheus_client themselves; tests pass a fresh CollectorRegistry and read samples back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("capture", "preprocess", "inference", "decision", "encode", "publish")
+RESULTS = ("OK", "NG", "ERROR")
+DROP_REASONS = ("queue_full", "wrong_size", "bad_frame", "heatmap_outbox_full", "verdict_outbox_full")
+# 1 ms .. 10 s in 1-2-5 steps: a CPU patch pass takes tens of ms, a broker round trip can take seconds.
+SECONDS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+# Image-score buckets as fractions of the threshold: dense around 1.0 so drift toward it shows
+# before verdicts flip, up to 3x so real defects still land in a finite bucket.
+THRESHOLD_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0)
+DEFAULT_SCORE_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0, 1000.0)
+
+
+def score_buckets(threshold: float | None) -> tuple[float, ...]:
+    """Histogram buckets for image scores: THRESHOLD_FRACTIONS of a positive threshold, else generic."""
+    if threshold is None or threshold <= 0:
+        # Fractions of a negative or zero threshold (log-likelihood scores) would not bracket it.
+        return DEFAULT_SCORE_BUCKETS
+    return tuple(sorted({round(f * threshold, 12) for f in THRESHOLD_FRACTIONS}))
+
+
+class Metrics:
+    """The daemon's metrics; `registry=None` creates a private registry (never the global one)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, threshold: float | None = None) -> None:
+        """`threshold` shapes the image-score buckets; build Metrics after the model is loaded to use it."""
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.latency = Histogram(
+            "edge_agent_latency_seconds",
+            "End-to-end latency from frame capture to the broker's acknowledgement of its verdict.",
+            buckets=SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "edge_agent_stage_seconds", "Time spent per pipeline stage.", ["stage"], buckets=SECONDS_BUCKETS, registry=r
+        )
+        self.frames = Counter("edge_agent_frames", "Frames inspected, by verdict.", ["result"], registry=r)
+        self.verdicts_published = Counter(
+            "edge_agent_verdicts_published", "Verdicts acknowledged by the broker.", registry=r
+        )
+        self.messages_published = Counter(
+            "edge_agent_messages_published", "MQTT messages acknowledged by the broker, by kind.", ["kind"], registry=r
+        )
+        self.dropped_total = Counter(
+            "edge_agent_dropped", "Frames or messages dropped, by reason.", ["reason"], registry=r
+        )
+        self.camera_up_gauge = Gauge("edge_agent_camera_up", "1 while the frame source delivers frames.", registry=r)
+        self.camera_reconnects = Counter(
+            "edge_agent_camera_reconnects", "Attempts to reopen the frame source after an outage.", registry=r
+        )
+        self.broker_connected_gauge = Gauge(
+            "edge_agent_broker_connected", "1 while connected to the MQTT broker.", registry=r
+        )
+        self.outbox_depth_gauge = Gauge("edge_agent_outbox_depth", "Messages waiting in the durable outbox.", registry=r)
+        self.outbox_bytes_gauge = Gauge("edge_agent_outbox_bytes", "Bytes held by the durable outbox.", registry=r)
+        self.model = Info("edge_agent_model", "The loaded model and how it runs.", registry=r)
+        self.image_score_hist = Histogram(
+            "edge_agent_image_score",
+            "Image anomaly score (max patch score); buckets are fractions of the threshold.",
+            buckets=score_buckets(threshold),
+            registry=r,
+        )
+        self.triggers = Counter("edge_agent_triggers", "PLC triggers, by outcome.", ["result"], registry=r)
+        self.errors = Counter("edge_agent_errors", "Steady-state errors, by stage.", ["stage"], registry=r)
+        self.patches_scored_total = Counter("edge_agent_patches_scored", "Patches scored.", registry=r)
+        # Known label values start at 0 so rate() and alerts work before the first event.
+        for stage in STAGES:
+            self.stage_seconds.labels(stage=stage)
+            self.errors.labels(stage=stage)
+        for result in RESULTS:
+            self.frames.labels(result=result)
+        for reason in DROP_REASONS:
+            self.dropped_total.labels(reason=reason)
+        for result in ("accepted", "rejected"):
+            self.triggers.labels(result=result)
+
+    # Capture
+    def camera_up(self, up: bool) -> None:
+        self.camera_up_gauge.set(1 if up else 0)
+
+    def camera_reconnect(self) -> None:
+        self.camera_reconnects.inc()
+
+    def frame_rejected(self, reason: str) -> None:
+        """A captured frame that is not passed on (wrong_size, bad_frame)."""
+        self.dropped_total.labels(reason=reason).inc()
+
+    # Pipeline
+    def stage(self, stage: str, seconds: float) -> None:
+        self.stage_seconds.labels(stage=stage).observe(seconds)
+
+    def stages(self, stage_s: Mapping[str, float]) -> None:
+        """Observe a Frame's per-stage timings at once."""
+        for stage, seconds in stage_s.items():
+            self.stage_seconds.labels(stage=stage).observe(seconds)
+
+    def frame_result(self, result: str) -> None:
+        """Count an inspected frame: OK, NG or ERROR."""
+        self.frames.labels(result=result).inc()
+
+    def image_score(self, score: float) -> None:
+        self.image_score_hist.observe(score)
+
+    def patches_scored(self, n: int) -> None:
+        self.patches_scored_total.inc(n)
+
+    def error(self, stage: str) -> None:
+        self.errors.labels(stage=stage).inc()
+
+    def model_info(
+        self, model_id: str, checksum: str, score_name: str, threshold: float, device: str, precision: str
+    ) -> None:
+        self.model.info(
+            {
+                "model_id": model_id,
+                "checksum": checksum,
+                "score_name": score_name,
+                "threshold": repr(float(threshold)),
+                "device": device,
+                "precision": precision,
+            }
+        )
+
+    # MQTT
+    def latency_s(self, seconds: float) -> None:
+        """End-to-end latency of one verdict: broker ack time minus Frame.captured_at."""
+        self.latency.observe(seconds)
+
+    def published(self, kind: str) -> None:
+        """A message the broker acknowledged; kind is 'verdict', 'heatmap' or 'status'."""
+        self.messages_published.labels(kind=kind).inc()
+        if kind == "verdict":
+            self.verdicts_published.inc()
+
+    def broker_connected(self, connected: bool) -> None:
+        self.broker_connected_gauge.set(1 if connected else 0)
+
+    def outbox_depth(self, depth: int) -> None:
+        self.outbox_depth_gauge.set(depth)
+
+    def outbox_bytes(self, n_bytes: int) -> None:
+        self.outbox_bytes_gauge.set(n_bytes)
+
+    def dropped(self, reason: str) -> None:
+        self.dropped_total.labels(reason=reason).inc()
+
+    def trigger_accepted(self) -> None:
+        self.triggers.labels(result="accepted").inc()
+
+    def trigger_rejected(self, reason: str) -> None:
+        # The reason goes to the caller's log line, not a label: free-form text would explode cardinality.
+        self.triggers.labels(result="rejected").inc()
+
+    def serve(self, bind: str = "127.0.0.1", port: int = 0) -> tuple[WSGIServer, int]:
+        """Serve /metrics on a daemon thread; returns (server, actual port). Stop with server.shutdown()."""
+        server, _thread = start_http_server(port, addr=bind, registry=self.registry)
+        actual = server.server_port
+        logger.info("metrics served on http://%s:%d/metrics", bind, actual)
+        return server, actual
+
