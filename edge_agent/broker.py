@@ -53,6 +53,7 @@ class EmbeddedBroker:
     """
 
     def __init__(self, port: int, start_timeout_s: float = 5.0) -> None:
+        self.host = HOST
         self.port = port
         self.start_timeout_s = start_timeout_s
         self._proc: subprocess.Popen | None = None
