@@ -50,6 +50,7 @@ TRIGGER_FIELDS = ("part_id", "trigger_id", "recipe", "job_id")
 # these itself after a reconnect) and stays under paho's default max_inflight of 20.
 INFLIGHT_WINDOW = 16
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 30
+CONTENT_TYPES = {"verdict": "application/json", "heatmap": "image/jpeg"}
 
 
 class TriggerError(ValueError):
@@ -176,6 +177,7 @@ class MqttPublisher:
         self._reported_down = False
         self._thread: threading.Thread | None = None
         self._dropped_seen = dict(outbox.dropped)
+        self._drops_lock = threading.Lock()
         self.client = self._make_client()
 
     @property
@@ -238,11 +240,12 @@ class MqttPublisher:
     def publish_verdict(self, verdict: dict[str, Any], heatmap_jpeg: bytes | None = None) -> None:
         """Queue a verdict (and its heatmap) for delivery; returns without waiting for the broker."""
         verdict = dict(verdict, heatmap=heatmap_jpeg is not None)
+        verdict.setdefault("published_at", time.time())
+        props = {"message_id": str(verdict.get("message_id", "")), "seq": str(verdict.get("seq", ""))}
         try:
             payload = json.dumps(verdict, separators=(",", ":"), allow_nan=False).encode()
-            self.outbox.put("verdict", self.topics.verdict, payload, qos=1, retain=False)
+            self.outbox.put("verdict", self.topics.verdict, payload, qos=1, retain=False, properties=props)
             if heatmap_jpeg is not None:
-                props = {"message_id": str(verdict.get("message_id", "")), "seq": str(verdict.get("seq", ""))}
                 self.outbox.put("heatmap", self.topics.heatmap, heatmap_jpeg, qos=1, retain=False, properties=props)
         except Exception:
             # A full disk or a verdict that is not JSON must not stop the pipeline; it is logged and counted.
@@ -336,33 +339,44 @@ class MqttPublisher:
         while not self._stop.is_set():
             self._wake.wait(1.0)
             self._wake.clear()
-            self._process_acks()
-            if not self._connected:
-                continue
+            try:
+                last_id = self._publish_some(last_id)
+            except Exception:
+                # A disk error must not end delivery for good: log, back off, try again.
+                logger.exception("publishing from the outbox failed; retrying")
+                self._stop.wait(1.0)
+
+    def _publish_some(self, last_id: int) -> int:
+        self._process_acks()
+        if not self._connected:
+            return last_id
+        with self._lock:
+            room = INFLIGHT_WINDOW - len(self._inflight)
+        if room <= 0:
+            return last_id
+        batch = self.outbox.peek(room, after_id=last_id)
+        for msg in batch:
+            if self._stop.is_set():
+                return last_id
+            info = self.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain,
+                                       properties=self._properties(msg))
+            if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                logger.warning("paho refused to queue outbox message %d: %s; retrying", msg.id, info.rc)
+                self._stop.wait(0.1)
+                self._wake.set()
+                return last_id  # keep the order: this one goes before any later message
             with self._lock:
-                room = INFLIGHT_WINDOW - len(self._inflight)
-            if room <= 0:
-                continue
-            batch = self.outbox.peek(room, after_id=last_id)
-            for msg in batch:
-                if self._stop.is_set():
-                    return
-                info = self.client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain,
-                                           properties=self._properties(msg))
-                if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                    logger.warning("paho refused to queue outbox message %d: %s; retrying", msg.id, info.rc)
-                    break  # keep the order: retry this one before any later message
-                with self._lock:
-                    self._inflight[info.mid] = msg
-                last_id = msg.id
-            if len(batch) == room:
-                self._wake.set()  # there may be more behind this window
+                self._inflight[info.mid] = msg
+            last_id = msg.id
+        if len(batch) == room:
+            self._wake.set()  # there may be more behind this window
+        return last_id
 
     def _properties(self, msg: Message) -> Properties | None:
-        if not self._v5 or msg.kind != "heatmap":
+        if not self._v5 or not msg.properties:
             return None
         props = Properties(PacketTypes.PUBLISH)
-        props.ContentType = "image/jpeg"
+        props.ContentType = CONTENT_TYPES.get(msg.kind, "application/octet-stream")
         props.UserProperty = list(msg.properties.items())
         return props
 
@@ -389,7 +403,10 @@ class MqttPublisher:
         else:
             self._metric("published", msg.kind)
             if self._on_delivered is not None:
-                self._on_delivered(msg, time.time() - msg.created_at)
+                try:
+                    self._on_delivered(msg, time.time() - msg.created_at)
+                except Exception:
+                    logger.exception("on_delivered callback failed")
         self.outbox.ack(msg.id)
         self._metric("outbox_depth", self.outbox.depth())
         with self._lock:
@@ -424,13 +441,20 @@ class MqttPublisher:
         self.client.publish(self.topics.trigger_response, json.dumps(body), qos=1, retain=False)
 
     def _count_outbox_drops(self) -> None:
-        now = self.outbox.dropped
-        for kind, count in now.items():
-            for _ in range(count - self._dropped_seen.get(kind, 0)):
+        with self._drops_lock:
+            now = self.outbox.dropped
+            new = {kind: count - self._dropped_seen.get(kind, 0) for kind, count in now.items()}
+            self._dropped_seen = now
+        for kind, n in new.items():
+            for _ in range(n):
                 self._metric("dropped", f"outbox_full_{kind}")
-        self._dropped_seen = now
 
     def _metric(self, hook: str, *args: Any) -> None:
         fn = getattr(self._metrics, hook, None) if self._metrics is not None else None
-        if fn is not None:
+        if fn is None:
+            return
+        try:
             fn(*args)
+        except Exception:
+            # Most hooks run on paho's thread, where an exception would end the network loop.
+            logger.exception("metrics hook %s failed", hook)

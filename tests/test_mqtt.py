@@ -239,6 +239,8 @@ def test_verdicts_and_heatmaps_arrive_in_order(mosquitto, make_publisher, protoc
     assert all(m.qos == 1 and not m.retain for m in verdicts + heatmaps)
     for m in verdicts:
         validate_verdict(json.loads(m.payload))
+        if protocol == "5":
+            assert m.properties.ContentType == "application/json"
     # 3.1.1 pairing rule: a heatmap belongs to the last verdict with "heatmap": true before it.
     last_with_heatmap = None
     for m in sub.messages:
