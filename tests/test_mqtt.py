@@ -394,3 +394,33 @@ def test_publish_verdict_does_not_wait_for_a_missing_broker(make_publisher, tmp_
     pub = make_publisher(free_port())  # nothing listens there
     pub.publish_verdict(sample_verdict(1), heatmap_jpeg=b"h")
     assert pub.outbox_depth == 2 and not pub.connected
+
+
+def test_tls_with_a_missing_ca_file_is_a_config_error(tmp_path):
+    from edge_agent.errors import ConfigError
+
+    config = MqttConfig(host="broker", tls={"enabled": True, "ca_file": tmp_path / "missing-ca.pem"})
+    with pytest.raises(ConfigError, match="mqtt.tls"):
+        MqttPublisher(config, "st1", Outbox(tmp_path / "box", 1_000_000))
+
+
+@pytest.mark.integration
+def test_password_never_logged(mosquitto, make_publisher, monkeypatch, caplog):
+    monkeypatch.setenv("EDGE_TEST_MQTT_PASSWORD", "s3cret-Pa55")
+    caplog.set_level("DEBUG")
+    pub = make_publisher(mosquitto.port, config={"username": "agent", "password_env": "EDGE_TEST_MQTT_PASSWORD"})
+    assert pub.wait_connected(TIMEOUT_S)
+    pub.stop(timeout_s=1.0)
+    assert "Sending CONNECT" in caplog.text  # paho's own debug lines were captured too
+    assert "s3cret-Pa55" not in caplog.text
+
+
+def test_outbox_drops_are_counted_in_metrics(tmp_path):
+    metrics = RecordingMetrics()
+    outbox = Outbox(tmp_path / "box", 4000)  # room for 3 verdicts and one 1.5 kB heatmap
+    pub = MqttPublisher(MqttConfig(host="127.0.0.1", port=1), "st1", outbox, metrics=metrics)
+    for seq in range(1, 4):  # not started: everything stays in the outbox
+        pub.publish_verdict(sample_verdict(seq), heatmap_jpeg=b"h" * 1500)
+    assert metrics.calls.count(("dropped", "outbox_full_heatmap")) == 2
+    kept = [(m.kind, json.loads(m.properties["seq"])) for m in outbox.peek(10)]
+    assert kept == [("verdict", 1), ("verdict", 2), ("verdict", 3), ("heatmap", 3)]
