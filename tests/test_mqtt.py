@@ -198,6 +198,16 @@ class Subscriber:
             )
             return matching()
 
+    def wait_until_seq(self, seq: int) -> list[paho.MQTTMessage]:
+        """Verdicts received until one with this seq (QoS 1 may repeat earlier ones)."""
+
+        def seen():
+            return any(m.topic.endswith("/verdict") and json.loads(m.payload)["seq"] == seq for m in self.messages)
+
+        with self.cond:
+            assert self.cond.wait_for(seen, TIMEOUT_S), f"no verdict seq={seq}"
+            return [m for m in self.messages if m.topic.endswith("/verdict")]
+
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
@@ -261,9 +271,12 @@ def test_verdicts_and_heatmaps_arrive_in_order(mosquitto, make_publisher, protoc
 def test_status_online_retained_then_offline_on_clean_stop(mosquitto, make_publisher):
     pub = make_publisher(mosquitto.port)
     assert pub.wait_connected(TIMEOUT_S)
-    sub = Subscriber(mosquitto.port, TOPICS.status)  # subscribes after the fact: sees the retained one
-    (online,) = sub.wait_for(1)
+    sub = Subscriber(mosquitto.port, TOPICS.status)
+    assert sub.wait_for(1)[0].payload == b"online"
+    retained = Subscriber(mosquitto.port, TOPICS.status)  # subscribes after `online` reached the broker
+    (online,) = retained.wait_for(1)
     assert (online.payload, online.retain) == (b"online", True)
+    retained.close()
     pub.stop(timeout_s=TIMEOUT_S)
     assert sub.wait_for(2)[1].payload == b"offline"
     late = Subscriber(mosquitto.port, TOPICS.status)
@@ -320,8 +333,7 @@ def test_verdicts_published_during_an_outage_arrive_in_order(mosquitto, make_pub
     mosquitto.start()
     # paho waits reconnect_delay (1 s) before retrying, so this subscriber is in place first.
     sub = Subscriber(mosquitto.port, "test/st1/#", protocol)
-    verdicts = sub.wait_for(10, "/verdict")
-    seqs = [json.loads(m.payload)["seq"] for m in verdicts]
+    seqs = [json.loads(m.payload)["seq"] for m in sub.wait_until_seq(11)]
     # Verdict 1 may be delivered again (QoS 1); consumers de-duplicate on message_id.
     assert [s for s in seqs if s != 1] == list(range(2, 12))
     assert [m.payload for m in sub.wait_for(10, "/heatmap")] == [b"h%d" % s for s in range(2, 12)]
