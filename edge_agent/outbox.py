@@ -80,10 +80,11 @@ class Outbox:
         self.path = self.dir / "outbox.sqlite3"
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        # WAL survives a killed process; synchronous=FULL also survives a power cut, which a
-        # station on the shop floor does see. The cost is one fsync per put/ack.
+        # WAL + synchronous=NORMAL: a killed process loses nothing and a power cut leaves a
+        # consistent file (minus the last moments). FULL would fsync on every put and ack: about
+        # 6 ms each on a station SSD, which the inference thread would wait for on every frame.
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM messages").fetchone()
         self._depth, self._bytes = int(row[0]), int(row[1])

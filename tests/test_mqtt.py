@@ -109,7 +109,7 @@ json_values = st.recursive(
 trigger_like = st.dictionaries(st.sampled_from(["part_id", "trigger_id", "recipe", "job_id", "x"]), json_values)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=200) | trigger_like.map(lambda d: json.dumps(d).encode()))
 def test_parse_trigger_only_raises_trigger_error(payload):
     try:
