@@ -98,6 +98,9 @@ class MqttConfig(Section):
     heatmap: Literal["ng", "all", "never"] = Field("ng", description="Which verdicts get a heatmap JPEG.")
     heatmap_quality: int = Field(80, ge=10, le=100, description="Heatmap JPEG quality.")
     tls: TlsConfig = Field(default_factory=TlsConfig, description="TLS settings.")
+    trigger_rate_per_s: float = Field(
+        20.0, gt=0, description="PLC triggers accepted per second (burst of the same size); excess get an error reply."
+    )
 
     @field_validator("prefix")
     @classmethod

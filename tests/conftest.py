@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny synthetic station and tiny trained models, built once per test session."""
+"""Shared fixtures: a tiny synthetic station, tiny trained models (built once per test session)
+and a real mosquitto broker on a free loopback port."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.broker import EmbeddedBroker, find_mosquitto, free_port
 from edge_agent.synth import write_dataset
 from edge_agent.train.fit import TrainOptions, fit
 
@@ -37,3 +39,17 @@ def ae_model(station, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "ae.pt"
     fit(station / "train/good", out, tiny_options(model="ae"))
     return out
+
+
+@pytest.fixture
+def mosquitto():
+    """A real mosquitto on a free 127.0.0.1 port: `.port`, `.host`, `.stop()`, `.start()` (same port).
+
+    Function-scoped so an outage test cannot leave the broker down for the next test.
+    """
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed (apt install mosquitto); integration test needs a real broker")
+    broker = EmbeddedBroker(free_port())
+    broker.start()
+    yield broker
+    broker.stop()
