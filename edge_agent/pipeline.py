@@ -268,13 +268,13 @@ class Pipeline:
             return self._triggers.popleft() if self._triggers else None
 
     def _put_waiting(self, frame: Frame) -> bool:
-        while self._infer.is_alive():
+        while True:
             try:
                 self.queue.put(frame, timeout=0.5)
                 return True
             except queue.Full:
-                continue
-        return False
+                if self._infer.ident is not None and not self._infer.is_alive():
+                    return False  # nobody will ever take it
 
     def _put_latest(self, frame: Frame) -> None:
         while True:
