@@ -14,23 +14,28 @@ import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import cv2
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from edge_agent import systemd
 from edge_agent.config import Config, ModelConfig, load_config
 from edge_agent.errors import ConfigError, EdgeAgentError, ModelError
-from edge_agent.metrics import Metrics
-from edge_agent.pipeline import Model, Pipeline, expected_frame
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from edge_agent.metrics import Metrics
+    from edge_agent.pipeline import Model, Pipeline
+
+# The stage modules (torch, OpenCV) are imported where they are used, so that check-config of a
+# config with a typo answers at once.
 
 logger = logging.getLogger(__name__)
 
 
 def load_model(cfg: ModelConfig, warmup: bool = True) -> Model:
     """Load, verify and warm up the model; ModelError/ConfigError name the file and the fix."""
-    from edge_agent.scoring import Scorer  # torch is heavy; check-config of a bad file should not pay for it
+    from edge_agent.pipeline import Model
+    from edge_agent.scoring import Scorer
 
     if not Path(cfg.path).is_file():
         raise ModelError(f"model.path {cfg.path} not found; train one with `edge-agent train` or fix the path")
@@ -40,6 +45,10 @@ def load_model(cfg: ModelConfig, warmup: bool = True) -> Model:
 
 
 def load_ignore_mask(path: Path | None, scorer: Any) -> np.ndarray | None:
+    import cv2
+
+    from edge_agent.pipeline import expected_frame
+
     if path is None:
         return None
     mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
@@ -55,6 +64,8 @@ def load_ignore_mask(path: Path | None, scorer: Any) -> np.ndarray | None:
 
 def check_fit(config: Config, model: Model) -> None:
     """The frame size the config asks the camera for must be the size the model takes."""
+    from edge_agent.pipeline import expected_frame
+
     h, w, _ = expected_frame(model.scorer)
     src = config.source
     for key, want, got in (("width", w, src.width), ("height", h, src.height)):
@@ -93,8 +104,10 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
     """Run the daemon until SIGTERM/SIGINT, the end of a non-looping file, or max_frames; returns 0."""
     from edge_agent.broker import start_embedded_if_needed
     from edge_agent.capture import make_source
+    from edge_agent.metrics import Metrics
     from edge_agent.mqtt import MqttPublisher
     from edge_agent.outbox import Outbox
+    from edge_agent.pipeline import Pipeline
     from edge_agent.retention import Retention
 
     overrides = overrides or []

@@ -300,3 +300,35 @@ def test_demo_config_loads():
     assert config.station.id == "demo" and config.mqtt.host == "" and config.source.loop
     assert config.model.path.resolve() == (ROOT / "models" / "demo-vae.pt").resolve()
     assert config.metrics.port == 9108 and config.metrics.bind == "127.0.0.1"
+
+
+def test_sighup_reload_swaps_model_and_threshold_and_keeps_the_old_on_a_bad_file(tmp_path, vae_model, caplog):
+    import threading as th
+
+    from edge_agent.capture import make_source
+    from edge_agent.daemon import _Reloader, load_model
+    from edge_agent.metrics import Metrics
+    from edge_agent.pipeline import Pipeline
+
+    path = write_config(tmp_path, vae_model, tmp_path / "parts.avi", 1883)
+    config = load_config(path)
+    metrics = Metrics()
+    pipeline = Pipeline(config, load_model(config.model, warmup=False), make_source(config.source), None, metrics,
+                         th.Event())
+    reloader = _Reloader(path, [], config, pipeline, metrics)
+    before = pipeline.model
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    path.write_text(path.read_text().replace(str(vae_model), str(bad)))
+    assert not reloader.reload()
+    assert pipeline.model is before
+    assert any(r.levelname == "ERROR" and "keeping model" in r.getMessage() for r in caplog.records)
+
+    path.write_text(path.read_text().replace(str(bad), str(vae_model)).replace(f"threshold = {THRESHOLD}",
+                                                                               "threshold = 50.0"))
+    assert reloader.reload()
+    assert pipeline.model is not before and pipeline.model.scorer.threshold == 50.0
+    assert metrics.registry.get_sample_value("edge_agent_model_info", {
+        "model_id": "vae", "checksum": before.scorer.checksum, "score_name": before.scorer.score_name,
+        "threshold": "50.0", "device": "cpu", "precision": "float32"}) == 1
