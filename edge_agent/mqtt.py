@@ -53,6 +53,16 @@ RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 30
 CONTENT_TYPES = {"verdict": "application/json", "heatmap": "image/jpeg"}
 
 
+def _not_noise(record: logging.LogRecord) -> bool:
+    # paho logs this at ERROR whenever its loop spins without a socket (during an outage, at
+    # stop); our own broker up/down lines already say it once.
+    return not str(record.msg).startswith("Client is not connected")
+
+
+_paho_logger = logging.getLogger(__name__ + ".paho")
+_paho_logger.addFilter(_not_noise)
+
+
 class TriggerError(ValueError):
     """A trigger message the agent cannot accept; `reason` is a short metric label."""
 
@@ -232,7 +242,8 @@ class MqttPublisher:
                 info.wait_for_publish(max(0.1, deadline - time.monotonic()))
             except (RuntimeError, ValueError):
                 pass  # lost the connection meanwhile: the Last Will says offline instead
-        self.client.disconnect()
+        if self.client.is_connected():
+            self.client.disconnect()  # clean DISCONNECT: the broker discards the Last Will
         self.client.loop_stop()
         self._set_connected(False, quiet=True)
         logger.info("MQTT stopped; %d messages left in the outbox", self.outbox.depth())
@@ -265,7 +276,7 @@ class MqttPublisher:
             # Our outbox is the session: subscriptions are renewed on each connect.
             clean_session=None if self._v5 else True,
         )
-        client.enable_logger(logging.getLogger(__name__ + ".paho"))
+        client.enable_logger(_paho_logger)
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         client.will_set(self.topics.status, "offline", qos=1, retain=True)
         if cfg.username:
@@ -308,8 +319,9 @@ class MqttPublisher:
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         threading.current_thread().name = "mqtt"
         if not self._reported_down:
-            logger.warning("broker %s:%d unreachable; retrying every %d..%d s, verdicts wait in the outbox",
-                           self.host, self.config.port, RECONNECT_MIN_S, RECONNECT_MAX_S)
+            hint = " or its certificate did not verify (mqtt.tls)" if self.config.tls.enabled else ""
+            logger.warning("broker %s:%d unreachable%s; retrying every %d..%d s, verdicts wait in the outbox",
+                           self.host, self.config.port, hint, RECONNECT_MIN_S, RECONNECT_MAX_S)
             self._reported_down = True
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
@@ -432,7 +444,8 @@ class MqttPublisher:
         self._respond({"ok": True, "trigger_id": trigger.trigger_id, "part_id": trigger.part_id})
 
     def _reject(self, reason: str, error: str, raw: bytes) -> None:
-        logger.warning("rejected trigger (%s): %s", reason, error)
+        # A flooding PLC must not flood the journal too: rate rejections are only counted.
+        logger.log(logging.DEBUG if reason == "rate" else logging.WARNING, "rejected trigger (%s): %s", reason, error)
         self._metric("trigger_rejected", reason)
         self._respond({"ok": False, "reason": reason, "error": error,
                        "input": raw[:256].decode("utf-8", errors="replace")})

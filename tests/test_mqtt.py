@@ -424,3 +424,67 @@ def test_outbox_drops_are_counted_in_metrics(tmp_path):
     assert metrics.calls.count(("dropped", "outbox_full_heatmap")) == 2
     kept = [(m.kind, json.loads(m.properties["seq"])) for m in outbox.peek(10)]
     assert kept == [("verdict", 1), ("verdict", 2), ("verdict", 3), ("heatmap", 3)]
+
+
+def _make_certs(d: Path) -> None:
+    """A throwaway CA and a server certificate for 127.0.0.1, strict enough for Python's X509 checks."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    (d / "server.ext").write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
+    )
+    for args in (
+        ["req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=edge-test-ca",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        ["req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"],
+        ["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+         "-out", "server.pem", "-days", "1", "-extfile", "server.ext"],
+        ["req", "-x509", *ec, "-keyout", "other.key", "-out", "other-ca.pem", "-days", "1", "-subj", "/CN=other"],
+    ):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+
+@pytest.fixture
+def tls_broker(tmp_path):
+    import getpass
+    import shutil
+
+    from edge_agent.broker import find_mosquitto, free_port
+
+    if find_mosquitto() is None or shutil.which("openssl") is None:
+        pytest.skip("needs mosquitto and openssl")
+    d = tmp_path / "tls"
+    d.mkdir()
+    _make_certs(d)
+    port = free_port()
+    (d / "mosquitto.conf").write_text(
+        # `user`: started as root, mosquitto would switch to user mosquitto, who cannot read tmp_path.
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nuser {getpass.getuser()}\n"
+        f"cafile {d / 'ca.pem'}\ncertfile {d / 'server.pem'}\nkeyfile {d / 'server.key'}\n"
+    )
+    proc = subprocess.Popen([find_mosquitto(), "-c", str(d / "mosquitto.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import socket
+    import time
+
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline and proc.poll() is None, "TLS mosquitto did not start"
+            time.sleep(0.02)
+    yield port, d
+    proc.terminate()
+    proc.wait()
+
+
+@pytest.mark.integration
+def test_tls_verifies_the_broker_certificate(tls_broker, make_publisher, tmp_path):
+    port, d = tls_broker
+    good = make_publisher(port, outbox_dir=tmp_path / "a", config={"tls": {"enabled": True, "ca_file": d / "ca.pem"}})
+    assert good.wait_connected(TIMEOUT_S)
+    wrong = make_publisher(port, outbox_dir=tmp_path / "b",
+                           config={"client_id": "wrong-ca", "tls": {"enabled": True, "ca_file": d / "other-ca.pem"}})
+    assert not wrong.wait_connected(1.0)
