@@ -314,7 +314,7 @@ class Pipeline:
         model = self.model
         scorer = model.scorer
         stage_s = dict(frame.stage_s)
-        stage_s["queue"] = max(0.0, time.time() - frame.captured_at - stage_s.get("capture", 0.0))
+        stage_s["queue"] = max(0.0, time.time() - frame.captured_at)  # captured_at is stamped after the read
         grid: PatchGrid | None = None
         scores: np.ndarray | None = None
         t = time.perf_counter()
