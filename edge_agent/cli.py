@@ -96,8 +96,8 @@ def score(
     from edge_agent.scoring import Scorer
     from edge_agent.verdict import decide, overlay
 
-    files = list_images(paths)
     scorer = Scorer(model, device=device, score_name=score_name, threshold=threshold)
+    files = list_images(paths)
     if heatmaps is not None:
         heatmaps.mkdir(parents=True, exist_ok=True)
     failed = 0
@@ -241,9 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as e:
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        # Usage errors from typer's bundled click (missing argument, bad option value): show them as click would.
+        if callable(getattr(e, "show", None)) and isinstance(getattr(e, "exit_code", None), int):
             e.show()
             sys.exit(e.exit_code)
         if os.environ.get("EDGE_AGENT_DEBUG"):

@@ -20,7 +20,9 @@ def test_grid_positions_exact(h, w, p, s, cover, ys, xs):
     g = PatchGrid.for_frame(h, w, p, s, cover)
     assert list(g.ys) == ys and list(g.xs) == xs
     assert g.count == len(ys) * len(xs)
-    assert g.box(len(xs) + 1) == (xs[1 % len(xs)], ys[(len(xs) + 1) // len(xs)], p, p)
+    assert g.box(0) == (0, 0, p, p)
+    assert g.box(g.count - 1) == (xs[-1], ys[-1], p, p)
+    assert g.box(len(xs) - 1) == (xs[-1], 0, p, p)
 
 
 def test_seed_protocol_has_875_patches():

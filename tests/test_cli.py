@@ -1,0 +1,147 @@
+"""The real CLI: happy paths and every error path on bad input (one line, non-zero exit, no traceback)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_agent.cli import main
+
+
+def run(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code != 0
+    assert "Traceback" not in err
+    lines = [l for l in err.strip().splitlines() if l.startswith("edge-agent: error:")]
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_score_json_fields(capsys, vae_model, station):
+    code, out, _ = run(capsys, "score", vae_model, station / "test/good", station / "test/defect/0000.png", "--json")
+    assert code == 0
+    rows = [json.loads(l) for l in out.splitlines()]
+    assert len(rows) == 7
+    for r in rows:
+        assert {"image", "score", "threshold", "anomalous", "worst_patch", "patches_over_threshold"} <= set(r)
+        assert r["anomalous"] == (r["score"] > r["threshold"])
+        assert set(r["worst_patch"]) == {"x", "y", "w", "h"} and r["patches_total"] == 49
+
+
+def test_score_other_score_and_heatmaps(capsys, vae_model, station, tmp_path):
+    code, out, _ = run(capsys, "score", vae_model, station / "test/defect", "--json", "--score", "elbo",
+                       "--heatmaps", tmp_path / "h")
+    assert code == 0
+    rows = [json.loads(l) for l in out.splitlines()]
+    assert all(r["score_name"] == "elbo" for r in rows)
+    pngs = sorted((tmp_path / "h").glob("*.png"))
+    assert len(pngs) == 6
+    import cv2
+
+    assert cv2.imread(str(pngs[0])).shape == (128, 128, 3)
+
+
+def test_threshold_override_decides(capsys, vae_model, station):
+    code, out, _ = run(capsys, "score", vae_model, station / "test/good/0000.png", "--json", "--threshold", "-1")
+    assert json.loads(out)["anomalous"] is True
+
+
+def test_evaluate_report(capsys, vae_model, ae_model, station, tmp_path):
+    code, out, err = run(capsys, "evaluate", vae_model, ae_model, "--good", station / "test/good", "--defect",
+                         station / "test/defect", "--masks", station / "test/masks", "--report", tmp_path / "r", "-q")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r/report.json").read_text())
+    assert [m["family"] for m in report["models"]] == ["vae", "ae"]
+    vae = report["models"][0]["scores"]
+    assert set(vae) == {"m", "elbo", "d", "a"}
+    assert 0 <= vae["m"]["image_auroc"] <= 1 and 0 <= vae["m"]["pixel_auroc"] <= 1
+    assert (tmp_path / "r/roc.png").stat().st_size > 1000 and (tmp_path / "r/histograms.png").exists()
+    assert "image AUROC" in out
+
+
+def test_info_prints_card(capsys, vae_model):
+    code, out, _ = run(capsys, "info", vae_model)
+    assert code == 0 and json.loads(out)["family"] == "vae"
+
+
+def test_synth_writes_station(capsys, tmp_path):
+    code, _, err = run(capsys, "synth", tmp_path / "s", "--train", "2", "--calib", "1", "--test-good", "1",
+                       "--test-defect", "2", "--video", tmp_path / "v.avi", "--frames", "4", "--defect-every", "2")
+    assert code == 0
+    assert len(list((tmp_path / "s/test/masks").glob("*.png"))) == 2
+    assert (tmp_path / "v.avi").stat().st_size > 0 and "2 defective" in err
+
+
+def _tampered(vae_model, tmp_path):
+    p = tmp_path / "tampered.pt"
+    raw = bytearray(vae_model.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    p.write_bytes(bytes(raw))
+    return p
+
+
+def _bad_inputs(tmp_path: Path, vae_model: Path, station: Path):
+    (tmp_path / "empty").mkdir(exist_ok=True)
+    (tmp_path / "junk.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "plain.txt").write_text("not a model")
+    small = tmp_path / "small"
+    small.mkdir(exist_ok=True)
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(str(small / "s.png"), np.zeros((10, 10), np.uint8))
+    good, defect = station / "test/good", station / "test/defect"
+    return [
+        (["score", tmp_path / "missing.pt", good], ["missing.pt", "not found"]),
+        (["score", tmp_path / "plain.txt", good], ["plain.txt"]),
+        (["score", _tampered(vae_model, tmp_path), good], ["tampered.pt"]),
+        (["score", vae_model, tmp_path / "nope"], ["nope", "does not exist"]),
+        (["score", vae_model, tmp_path / "empty"], ["no images"]),
+        (["score", vae_model, good, "--score", "zz"], ["'zz'", "m, elbo, d, a"]),
+        (["score", vae_model, good, "--device", "tpu"], ["tpu"]),
+        (["train", tmp_path / "empty", "--out", tmp_path / "o.pt"], ["no images"]),
+        (["train", small, "--out", tmp_path / "o.pt"], ["smaller than the 32px patch"]),
+        (["train", good, "--out", tmp_path / "o.pt", "--model", "gan9"], ["gan9", "vae"]),
+        (["train", good, "--out", tmp_path / "o.pt", "--patch-size", "8"], ["patch-size 8"]),
+        (["train", good, "--out", tmp_path / "o.pt", "--channels", "2"], ["--channels 2"]),
+        (["evaluate", vae_model, "--good", good, "--defect", tmp_path / "empty"], ["--defect", "no images"]),
+        (["evaluate", vae_model, "--good", good, "--defect", defect, "--masks", tmp_path / "empty"], ["no mask"]),
+        (["evaluate", vae_model, "--good", station / "train/good", "--defect", defect], ["were used to train"]),
+        (["evaluate", vae_model, "--good", good, "--defect", defect, "--score", "zz"], ["'zz'"]),
+        (["info", tmp_path / "plain.txt"], ["plain.txt"]),
+    ]
+
+
+def test_every_error_path_is_one_line(capsys, tmp_path, vae_model, station):
+    for argv, needles in _bad_inputs(tmp_path, vae_model, station):
+        code, _, err = run(capsys, *argv)
+        assert_one_line_error(code, err, *needles)
+
+
+def test_unreadable_image_among_good_ones_is_reported_not_ok(capsys, tmp_path, vae_model, station):
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"\x89PNG not really")
+    code, out, err = run(capsys, "score", vae_model, station / "test/good/0000.png", junk, "--json")
+    assert code == 1
+    rows = [json.loads(l) for l in out.splitlines()]
+    assert rows[1]["image"] == str(junk) and "error" in rows[1] and rows[1]["anomalous"] is None
+    assert "cannot read image" in err and "Traceback" not in err
+
+
+def test_console_script_usage_errors(tmp_path):
+    exe = [sys.executable, "-m", "edge_agent.cli"]
+    r = subprocess.run(exe + ["score"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "Missing argument" in r.stderr
+    r = subprocess.run(exe + ["score", str(tmp_path / "m.pt"), str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "not found" in r.stderr
+    r = subprocess.run(exe + ["--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "train" in r.stdout and "evaluate" in r.stdout

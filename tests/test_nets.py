@@ -1,0 +1,88 @@
+import math
+
+import numpy as np
+import pytest
+import scipy.ndimage
+import torch
+
+from edge_agent.train.nets import AE, VAE, encoder_sizes
+
+
+@pytest.mark.parametrize("p, sizes", [(16, [16, 8, 4]), (28, [28, 14, 7, 3]), (32, [32, 16, 8, 4]),
+                                      (96, [96, 48, 24, 12, 6, 3]), (200, [200, 100, 50, 25, 12, 6])])
+def test_depth_adapts_to_patch_size(p, sizes):
+    assert encoder_sizes(p) == sizes
+
+
+@pytest.mark.parametrize("p", [16, 17, 28, 33, 96])
+@pytest.mark.parametrize("family", [VAE, AE])
+def test_any_patch_size_round_trips(family, p):
+    m = torch.jit.script(family(2, p, 4, 3).eval())
+    x = torch.rand(2, 2, p, p)
+    assert m(x).shape == (2,)
+    assert m.pixel_map(x).shape == (2, p, p)
+    assert set(m.scores(x)) == set(m.score_names)
+
+
+def test_patch_size_too_small_is_explained():
+    with pytest.raises(ValueError, match=">= 16"):
+        encoder_sizes(11)
+
+
+def test_vae_scores_match_hand_computation():
+    torch.manual_seed(0)
+    vae = VAE(1, 16, 4, 3).eval()
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        mu_z, logvar_z = vae.encode(x)
+        mu_x, sigma_x = vae.decode(mu_z)
+        got = torch.jit.script(vae).scores(x)
+    mu_z, lv, mu_x, sx, xx = (t.double().numpy() for t in (mu_z, logvar_z, mu_x, sigma_x, x))
+    for n in range(2):
+        d = sum(0.5 * (-lv[n, j] - 1 + math.exp(lv[n, j]) + mu_z[n, j] ** 2) for j in range(3))
+        a = sum(0.5 * math.log(2 * math.pi * s * s) for s in sx[n].ravel())
+        m = sum(0.5 * (mu - v) ** 2 / s**2 for mu, v, s in zip(mu_x[n].ravel(), xx[n].ravel(), sx[n].ravel()))
+        assert got["d"][n].item() == pytest.approx(d, rel=1e-4)
+        assert got["a"][n].item() == pytest.approx(a, rel=1e-4, abs=1e-3)
+        assert got["m"][n].item() == pytest.approx(m, rel=1e-4)
+        assert got["elbo"][n].item() == pytest.approx(d + a + m, rel=1e-4, abs=1e-3)
+
+
+def test_vae_m_is_the_default_and_sigma_has_a_floor():
+    vae = torch.jit.script(VAE(1, 16, 4, 3, sigma_min=0.05).eval())
+    x = torch.rand(3, 1, 16, 16)
+    assert vae.default_score == "m"
+    torch.testing.assert_close(vae(x), vae.scores(x)["m"])
+    torch.testing.assert_close(vae.score(x, "elbo"), vae.scores(x)["elbo"])
+    torch.testing.assert_close(vae.pixel_map(x).flatten(1).sum(1), vae(x))
+
+
+def _ssim_numpy(x, y):
+    g = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5**2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    f = lambda a: scipy.ndimage.correlate(a, w, mode="constant", cval=0.0)
+    mx, my = f(x), f(y)
+    sxx, syy, sxy = f(x * x) - mx * mx, f(y * y) - my * my, f(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    return ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+
+
+def test_ae_scores_match_hand_computation():
+    torch.manual_seed(0)
+    ae = AE(1, 16, 4, 3).eval()
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        xh = ae.reconstruct(x)
+        got = torch.jit.script(ae).scores(x)
+    xn, hn = x.double().numpy(), xh.double().numpy()
+    for n in range(2):
+        diff = hn[n, 0] - xn[n, 0]
+        assert got["l2"][n].item() == pytest.approx((diff**2).mean(), rel=1e-5)
+        assert got["l1"][n].item() == pytest.approx(np.abs(diff).sum(), rel=1e-5)
+        assert got["ssim"][n].item() == pytest.approx(1 - _ssim_numpy(xn[n, 0], hn[n, 0]).mean(), rel=1e-4)
+
+
+def test_ssim_of_identical_patches_is_zero():
+    ae = AE(1, 16, 4, 3).eval()
+    x = torch.rand(2, 1, 16, 16)
+    assert torch.allclose(1 - ae.ssim_map(x, x).flatten(1).mean(1), torch.zeros(2), atol=1e-6)

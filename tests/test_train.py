@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+import torch
+
+from edge_agent import artifact
+from edge_agent.errors import DataError
+from edge_agent.train.fit import CropSampler, fit
+from tests.conftest import tiny_options
+
+
+def test_card_holds_everything_needed_to_score(vae_model, station):
+    card = artifact.verify(vae_model)
+    assert card["family"] == "vae" and card["scores"]["default"] == "m"
+    assert card["patch"] == {"size": 32, "stride": 16, "cover_edges": True}
+    assert card["input"]["channels"] == 1 and card["input"]["frame_width"] == 128
+    assert set(card["thresholds"]) == {"m", "elbo", "d", "a"}
+    t = card["training"]
+    assert t["images"] == 8 and t["steps"] > 0 and np.isfinite(t["final_loss"])
+    assert t["data_fingerprint"].startswith("sha256:") and len(t["image_hashes"]) == 8
+    assert card["versions"]["torch"] == torch.__version__
+
+
+def test_untrained_threshold_is_max_over_training_images(vae_model, station):
+    from edge_agent.evaluation import score_files
+    from edge_agent.images import list_images
+    from edge_agent.scoring import Scorer
+
+    scorer = Scorer(vae_model, device="cpu")
+    results = score_files(scorer, list_images(station / "train/good"), progress=False)
+    entry = scorer.card["thresholds"]["m"]
+    assert entry["method"] == "max-train"
+    assert entry["value"] == pytest.approx(max(r.image_score("m") for r in results), rel=1e-6)
+
+
+def test_same_seed_same_weights(station, tmp_path):
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    for out in (a, b):
+        fit(station / "train/good", out, tiny_options(model="ae"))
+    wa, wb = artifact.load(a)[0].state_dict(), artifact.load(b)[0].state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_time_budget_stops_training(station, tmp_path):
+    card = fit(station / "train/good", tmp_path / "m.pt", tiny_options(model="ae", epochs=1000, max_minutes=0.02))
+    assert card["training"]["stopped_by"] == "time budget"
+
+
+def test_crop_sampler_crops_come_from_images():
+    imgs = [torch.arange(2 * 40 * 50, dtype=torch.float32).reshape(2, 40, 50) for _ in range(3)]
+    crops = CropSampler(imgs, 16, seed=0).sample(20)
+    assert crops.shape == (20, 2, 16, 16)
+    for c in crops:  # every crop is a contiguous window: values step by 1 along x and 50 along y
+        assert torch.all(c[:, :, 1:] - c[:, :, :-1] == 1) and torch.all(c[:, 1:, :] - c[:, :-1, :] == 50)
+
+
+def test_empty_and_unreadable_data(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        fit(tmp_path / "empty", tmp_path / "m.pt", tiny_options())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot read image"):
+        fit(bad, tmp_path / "m.pt", tiny_options())
