@@ -180,6 +180,48 @@ def info(model: Model) -> None:
     typer.echo(json.dumps(artifact.verify(model), indent=2))
 
 
+Overrides = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key for this run: section.key=value (repeat).")]
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Station config (TOML); see deploy/config.example.toml.")],
+    overrides: Overrides = None,
+    frames: Annotated[Optional[int], typer.Option("--frames", min=1, help="Stop after this many frames (tests, demos).")] = None,
+    print_verdicts: Annotated[bool, typer.Option("--print-verdicts", help="Echo one line per verdict on stdout.")] = False,
+) -> None:
+    """Run the station daemon: camera -> patch scoring -> verdicts over MQTT, metrics over HTTP. Stops on SIGTERM."""
+    from edge_agent.daemon import run as run_daemon
+
+    run_daemon(config, overrides or [], frames, _print_verdict if print_verdicts else None)
+
+
+def _print_verdict(v: dict) -> None:
+    score = "-" if v["score"] is None else f"{v['score']:.6g}"
+    part = f" part_id={v['part_id']}" if v["part_id"] is not None else ""
+    error = f" error={v['error']!r}" if v["error"] else ""
+    sys.stdout.write(f"seq={v['seq']} {v['result']} score={score} threshold={v['threshold']:.6g} "
+                     f"over={v['patches_over_threshold']}/{v['patches_total']}{part} "
+                     f"heatmap={'yes' if v['heatmap'] else 'no'}{error}\n")
+    sys.stdout.flush()
+
+
+@app.command("check-config")
+def check_config(
+    config: Annotated[Path, typer.Argument(help="Station config (TOML) to validate, with the model it names.")],
+    overrides: Overrides = None,
+) -> None:
+    """Validate a station config and its model file: exit 0, or 2 with every problem, one per line."""
+    from edge_agent.daemon import check
+
+    problems = check(config, overrides or [])
+    for line in problems:
+        typer.echo(line, err=True)
+    if problems:
+        raise typer.Exit(2)
+    typer.echo(f"{config}: OK", err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=os.environ.get("EDGE_AGENT_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")

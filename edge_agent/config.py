@@ -127,6 +127,10 @@ class MqttConfig(Section):
 class OutboxConfig(Section):
     dir: Path = Field(Path("/var/lib/edge-agent/outbox"), description="Durable queue of unacknowledged messages.")
     max_mb: float = Field(256.0, gt=0, description="Outbox size limit; heatmaps are dropped first when full.")
+    flush_timeout_s: float = Field(
+        10.0, ge=0, description="At shutdown, wait this long for the broker to acknowledge queued messages; "
+        "the rest stay in the outbox for the next start."
+    )
 
 
 class MetricsConfig(Section):

@@ -1,0 +1,219 @@
+"""`edge-agent run`: assemble the station daemon from its config and run it until SIGTERM.
+
+Start order: model (verified, warmed up) -> metrics -> outbox -> broker -> publisher -> pipeline
+-> READY=1. Shutdown runs in reverse: capture stops, queued frames are inspected and their
+verdicts published, the outbox is flushed (bounded), then the broker link closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edge_agent import systemd
+from edge_agent.config import Config, ModelConfig, load_config
+from edge_agent.errors import ConfigError, EdgeAgentError, ModelError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from edge_agent.metrics import Metrics
+    from edge_agent.pipeline import Model, Pipeline
+
+# The stage modules (torch, OpenCV) are imported where they are used, so that check-config of a
+# config with a typo answers at once.
+
+logger = logging.getLogger(__name__)
+
+
+def load_model(cfg: ModelConfig, warmup: bool = True) -> Model:
+    """Load, verify and warm up the model; ModelError/ConfigError name the file and the fix."""
+    from edge_agent.pipeline import Model
+    from edge_agent.scoring import Scorer
+
+    if not Path(cfg.path).is_file():
+        raise ModelError(f"model.path {cfg.path} not found; train one with `edge-agent train` or fix the path")
+    scorer = Scorer(cfg.path, device=cfg.device, precision=cfg.precision, score_name=cfg.score,
+                    batch_size=cfg.batch_size, threshold=cfg.threshold, warmup=warmup)
+    return Model(scorer, load_ignore_mask(cfg.ignore_mask, scorer))
+
+
+def load_ignore_mask(path: Path | None, scorer: Any) -> np.ndarray | None:
+    import cv2
+
+    from edge_agent.pipeline import expected_frame
+
+    if path is None:
+        return None
+    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise ConfigError(f"model.ignore_mask {path} cannot be read as an image; give a PNG (black = ignore)")
+    h, w, _ = expected_frame(scorer)
+    if h and w:
+        counted = scorer.grid(h, w).counted(mask)
+        if counted is not None and not counted.any():
+            raise ConfigError(f"model.ignore_mask {path} ignores every patch; paint the inspected area white")
+    return mask
+
+
+def check_fit(config: Config, model: Model) -> None:
+    """The frame size the config asks the camera for must be the size the model takes."""
+    from edge_agent.pipeline import expected_frame
+
+    h, w, _ = expected_frame(model.scorer)
+    src = config.source
+    for key, want, got in (("width", w, src.width), ("height", h, src.height)):
+        if want and got and want != got:
+            raise ConfigError(f"source.{key} = {got} but model {model.scorer.path.name} takes frames {w}x{h}; "
+                              f"set source.{key} = {want} or use a model trained on {key} {got}")
+
+
+def check(config_path: Path, overrides: list[str]) -> list[str]:
+    """Every problem of a config and the model it names, one line each (empty: fine)."""
+    try:
+        config = load_config(config_path, overrides)
+    except ConfigError as e:
+        return str(e).splitlines()
+    try:
+        check_fit(config, load_model(config.model, warmup=False))
+    except EdgeAgentError as e:
+        return str(e).splitlines()
+    return []
+
+
+def _serve_metrics(config: Config, metrics: Metrics, stack: contextlib.ExitStack) -> None:
+    if not config.metrics.enabled:
+        return
+    try:
+        server, _port = metrics.serve(config.metrics.bind, config.metrics.port)
+    except OSError as e:
+        raise EdgeAgentError(f"metrics endpoint {config.metrics.bind}:{config.metrics.port}: {e.strerror}; "
+                             "set metrics.port to a free port or metrics.enabled = false") from None
+    stack.callback(server.server_close)
+    stack.callback(server.shutdown)
+
+
+def run(config_path: Path, overrides: list[str] | None = None, max_frames: int | None = None,
+        on_verdict: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT, the end of a non-looping file, or max_frames; returns 0."""
+    from edge_agent.broker import start_embedded_if_needed
+    from edge_agent.capture import make_source
+    from edge_agent.metrics import Metrics
+    from edge_agent.mqtt import MqttPublisher
+    from edge_agent.outbox import Outbox
+    from edge_agent.pipeline import Pipeline
+    from edge_agent.retention import Retention
+
+    overrides = overrides or []
+    config = load_config(config_path, overrides)
+    logging.getLogger().setLevel(config.logging.level)
+    stop = threading.Event()
+    model = load_model(config.model)
+    check_fit(config, model)
+    scorer = model.scorer
+    metrics = Metrics(threshold=scorer.threshold)
+    _model_info(metrics, model)
+    watchdog = systemd.Watchdog()
+    boot_id = uuid.uuid4().hex[:12]
+
+    with contextlib.ExitStack() as stack:
+        _serve_metrics(config, metrics, stack)
+        outbox = Outbox(config.outbox.dir, int(config.outbox.max_mb * 1024 * 1024))
+        stack.callback(outbox.close)
+        broker = start_embedded_if_needed(config.mqtt)
+        if broker is not None:
+            stack.callback(broker.stop)
+        retention = Retention(config.retention) if config.retention.enabled else None
+        pipeline = Pipeline(config, model, make_source(config.source), None, metrics, stop, watchdog=watchdog,
+                            retention=retention, boot_id=boot_id, max_frames=max_frames, on_verdict=on_verdict)
+        publisher = MqttPublisher(config.mqtt, config.station.id, outbox, on_trigger=pipeline.trigger,
+                                  on_delivered=pipeline.delivered, metrics=metrics)
+        pipeline.publisher = publisher
+        publisher.start()
+        stack.callback(publisher.stop, config.outbox.flush_timeout_s)
+        reloader = _Reloader(config_path, overrides, config, pipeline, metrics)
+        _install_signals(stop, reloader)
+        pipeline.start()
+        watchdog.start()
+        stack.callback(watchdog.stop)
+        systemd.ready(f"inspecting {pipeline.source.describe()} with {scorer.model_id}")
+        logger.info("ready: station %s, %s mode, model %s (%s, threshold %.6g), boot %s", config.station.id,
+                    config.inspection.mode, scorer.model_id, scorer.score_name, scorer.threshold, boot_id)
+        stop.wait()
+        systemd.stopping("draining in-flight frames")
+        logger.info("stopping: draining in-flight frames, then flushing the outbox (up to %.0f s)",
+                    config.outbox.flush_timeout_s)
+        pipeline.drain()
+        if not publisher.flush(config.outbox.flush_timeout_s):
+            logger.warning("%d messages not yet acknowledged stay in the outbox %s for the next start",
+                           outbox.depth(), outbox.path)
+    return 0
+
+
+def _model_info(metrics: Metrics, model: Model) -> None:
+    s = model.scorer
+    metrics.model_info(s.model_id, s.checksum, s.score_name, s.threshold, str(s.device),
+                       str(s.dtype).removeprefix("torch."))
+
+
+def _install_signals(stop: threading.Event, reloader: _Reloader) -> None:
+    def on_stop(signum: int, _frame: object) -> None:
+        if stop.is_set():
+            return
+        logger.info("%s received; shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, lambda *_: reloader.request())
+
+
+class _Reloader:
+    """SIGHUP: load the model file and threshold again on a `reload` thread, then swap between frames.
+
+    The broker connection, capture and queue stay up; a bad new file keeps the old model.
+    """
+
+    def __init__(self, config_path: Path, overrides: list[str], config: Config, pipeline: Pipeline,
+                 metrics: Metrics) -> None:
+        self.config_path = config_path
+        self.overrides = overrides
+        self.config = config
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self._lock = threading.Lock()
+
+    def request(self) -> None:
+        threading.Thread(target=self.reload, name="reload", daemon=True).start()
+
+    def reload(self) -> bool:
+        with self._lock:
+            systemd.reloading()
+            try:
+                config = load_config(self.config_path, self.overrides)
+                for section in ("station", "source", "inspection", "mqtt", "outbox", "metrics", "retention"):
+                    if getattr(config, section) != getattr(self.config, section):
+                        logger.warning("reload: changes in [%s] take effect only after a restart", section)
+                model = load_model(config.model)
+                check_fit(self.config, model)
+                self.pipeline.swap_model(model)
+            except EdgeAgentError as e:
+                logger.error("reload failed, keeping model %s (threshold %.6g): %s",
+                             self.pipeline.model.scorer.model_id, self.pipeline.model.scorer.threshold, e)
+                return False
+            except Exception as e:
+                logger.error("reload failed, keeping the running model: %s: %s", type(e).__name__, e)
+                return False
+            finally:
+                systemd.ready()
+            s = model.scorer
+            _model_info(self.metrics, model)
+            logger.info("reloaded model %s (checksum %s, %s, threshold %.6g)", s.model_id, s.checksum[:12],
+                        s.score_name, s.threshold)
+            return True

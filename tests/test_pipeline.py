@@ -1,0 +1,245 @@
+import json
+import threading
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+
+from edge_agent.capture import EndOfStream
+from edge_agent.config import Config, RetentionConfig
+from edge_agent.errors import ModelError
+from edge_agent.frames import Frame, Trigger
+from edge_agent.metrics import Metrics
+from edge_agent.patches import PatchGrid, to_tensor
+from edge_agent.pipeline import Model, Pipeline
+from edge_agent.retention import Retention
+
+SCHEMA = json.loads((Path(__file__).parent.parent / "deploy" / "verdict.schema.json").read_text())
+H = W = 64
+P, S = 32, 16  # a 3x3 grid: patch 4 is the centre one
+
+
+class FakeScorer:
+    """Scorer's surface; scores come from score_fn(patches) so a test can plant NaN or a hot patch."""
+
+    def __init__(self, score_fn=None, h=H, w=W, threshold=0.5):
+        self.card = {"input": {"channels": 1, "frame_height": h, "frame_width": w}}
+        self.channels = 1
+        self.threshold = threshold
+        self.score_name = "m"
+        self.model_id = "fake"
+        self.checksum = "sha256:fake"
+        self.path = Path("fake.pt")
+        self.score_fn = score_fn or (lambda x: np.full(len(x), 0.25, np.float32))
+
+    def grid(self, h, w):
+        return PatchGrid.for_frame(h, w, P, S)
+
+    def patches(self, image):
+        grid = self.grid(*image.shape[:2])
+        return grid, grid.extract(to_tensor(image, 1))
+
+    def score_patches(self, patches):
+        return self.score_fn(patches)
+
+
+class FakeSource:
+    """`n` grey frames, then EndOfStream; finite=True makes Capture pace by back-pressure."""
+
+    def __init__(self, n=3, finite=True, shape=(H, W, 3)):
+        self.n, self.finite, self.shape, self.i = n, finite, shape, 0
+
+    def open(self):
+        pass
+
+    def read(self):
+        if self.i >= self.n:
+            raise EndOfStream("fake")
+        self.i += 1
+        return np.full(self.shape, 100, np.uint8)
+
+    def close(self):
+        pass
+
+    def describe(self):
+        return "fake source"
+
+
+class RecordingPublisher:
+    def __init__(self):
+        self.verdicts = []
+        self.heatmaps = []
+
+    def publish_verdict(self, verdict, heatmap_jpeg=None):
+        self.verdicts.append(dict(verdict, heatmap=heatmap_jpeg is not None))
+        self.heatmaps.append(heatmap_jpeg)
+
+
+def make_config(**sections):
+    base = {"station": {"id": "st1"}, "source": {"kind": "file", "uri": "x.avi"}}
+    for key, value in sections.items():
+        base.setdefault(key, {}).update(value)
+    return Config.model_validate(base)
+
+
+def make_pipeline(scorer=None, source=None, mask=None, **sections):
+    metrics = Metrics()
+    publisher = RecordingPublisher()
+    stop = threading.Event()
+    pipeline = Pipeline(make_config(**sections), Model(scorer or FakeScorer(), mask), source or FakeSource(),
+                        publisher, metrics, stop, boot_id="b00t")
+    return pipeline, publisher, metrics
+
+
+def frame(seq, shape=(H, W, 3)):
+    return Frame(seq, np.full(shape, 100, np.uint8), captured_at=1_700_000_000.0 + seq, stage_s={"capture": 0.001})
+
+
+def sample(metrics, name, **labels):
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def validate(verdict):
+    jsonschema.validate(verdict, SCHEMA, cls=jsonschema.Draft202012Validator)
+
+
+def test_latest_frame_wins_and_drops_are_counted():
+    pipeline, _, metrics = make_pipeline(source=FakeSource(finite=False), inspection={"queue_size": 2})
+    assert pipeline.capture.pace == "live"
+    for seq in range(1, 6):
+        pipeline._on_frame(frame(seq))
+    assert [pipeline.queue.get_nowait().seq for _ in range(2)] == [4, 5]
+    assert sample(metrics, "edge_agent_dropped_total", reason="queue_full") == 3
+
+
+def test_every_stored_frame_gets_exactly_one_verdict():
+    pipeline, publisher, metrics = make_pipeline(source=FakeSource(n=7), inspection={"queue_size": 1})
+    pipeline.start()
+    assert pipeline.stop.wait(10), "the end of the file stops the pipeline"
+    assert pipeline.drain(10)
+    assert [v["seq"] for v in publisher.verdicts] == list(range(1, 8))
+    assert sample(metrics, "edge_agent_dropped_total", reason="queue_full") == 0
+    assert sample(metrics, "edge_agent_frames_total", result="OK") == 7
+    for v in publisher.verdicts:
+        validate(v)
+        assert v["message_id"] == f"st1:b00t:{v['seq']}"
+        assert v["part_id"] is None and v["result"] == "OK"
+        assert {"capture", "preprocess", "inference", "decision"} <= set(v["latency_s"])
+
+
+@pytest.mark.parametrize("fail", ["nan", "raise"])
+def test_scorer_nan_or_exception_gives_an_error_verdict_and_the_next_frame_is_fine(fail):
+    calls = []
+
+    def score(x):
+        calls.append(1)
+        if len(calls) == 1:
+            if fail == "raise":
+                raise RuntimeError("CUDA error: device-side assert")
+            return np.full(len(x), np.nan, np.float32)
+        return np.full(len(x), 0.25, np.float32)
+
+    pipeline, publisher, metrics = make_pipeline(FakeScorer(score), mqtt={"heatmap": "all"})
+    bad, good = pipeline.inspect(frame(1)), pipeline.inspect(frame(2))
+    assert bad["result"] == "ERROR" and bad["score"] is None and bad["worst_patch"] is None
+    assert ("non-finite" if fail == "nan" else "device-side assert") in bad["error"]
+    assert publisher.heatmaps[0] is None, "no heatmap from scores that cannot be trusted"
+    assert good["result"] == "OK" and good["error"] is None
+    for v in publisher.verdicts:
+        validate(v)
+    assert sample(metrics, "edge_agent_frames_total", result="ERROR") == 1
+    assert sample(metrics, "edge_agent_errors_total", stage="inference") == 1
+
+
+def hot_centre(x):
+    scores = np.full(len(x), 0.25, np.float32)
+    scores[4] = 0.75
+    return scores
+
+
+def test_ng_frame_gets_a_heatmap_and_the_worst_box():
+    pipeline, publisher, metrics = make_pipeline(FakeScorer(hot_centre))
+    v = pipeline.inspect(frame(1))
+    validate(publisher.verdicts[0])
+    assert v["result"] == "NG" and v["anomalous"] and v["score"] == 0.75
+    assert v["worst_patch"] == {"x": 16, "y": 16, "w": 32, "h": 32}
+    assert v["patches_over_threshold"] == 1 and v["patches_total"] == 9
+    assert publisher.heatmaps[0][:2] == b"\xff\xd8", "a JPEG"
+    assert "encode" in v["latency_s"]
+    assert sample(metrics, "edge_agent_image_score_count") == 1
+
+
+def test_ignore_mask_keeps_patches_there_from_counting():
+    mask = np.full((H, W), 255, np.uint8)
+    mask[28:36, 28:36] = 0  # the centre patch's centre pixel
+    pipeline, _, _ = make_pipeline(FakeScorer(hot_centre), mask=mask)
+    v = pipeline.inspect(frame(1))
+    assert v["result"] == "OK" and v["score"] == 0.25 and v["patches_over_threshold"] == 0
+
+
+def test_score_at_the_threshold_is_ok():
+    pipeline, _, _ = make_pipeline(FakeScorer(lambda x: np.full(len(x), 0.5, np.float32), threshold=0.5))
+    assert pipeline.inspect(frame(1))["result"] == "OK"
+
+
+def test_wrong_size_frame_is_rejected_counted_and_never_scored():
+    calls = []
+    pipeline, _, metrics = make_pipeline(FakeScorer(lambda x: calls.append(1) or np.zeros(len(x), np.float32)),
+                                         source=FakeSource(finite=False))
+    pipeline._on_frame(frame(1, shape=(H, W + 8, 3)))
+    pipeline._on_frame(frame(2, shape=(H, W)))  # grey frames fit a grey model
+    assert pipeline.queue.qsize() == 1 and pipeline.queue.get_nowait().seq == 2
+    assert sample(metrics, "edge_agent_dropped_total", reason="wrong_size") == 1
+    assert not calls
+
+
+def test_triggers_pair_with_the_next_frames_in_order():
+    pipeline, publisher, metrics = make_pipeline(source=FakeSource(n=50), inspection={"mode": "triggered"})
+    pipeline.start()
+    pipeline.trigger(Trigger("t1", "P1", recipe="r", received_at=1.0))
+    pipeline.trigger(Trigger("t2", "P2", job_id="j9", received_at=2.0))
+    while len(publisher.verdicts) < 2:
+        pipeline.stop.wait(0.01)
+    pipeline.stop.set()
+    assert pipeline.drain(10)
+    v1, v2 = publisher.verdicts
+    assert (v1["part_id"], v1["trigger_id"], v1["recipe"], v1["job_id"]) == ("P1", "t1", "r", None)
+    assert (v2["part_id"], v2["trigger_id"], v2["job_id"]) == ("P2", "t2", "j9")
+    assert v1["seq"] < v2["seq"]
+    validate(v1)
+    assert sample(metrics, "edge_agent_triggers_total", result="accepted") == 2
+
+
+def test_frames_without_a_trigger_are_not_inspected_in_triggered_mode():
+    pipeline, _, _ = make_pipeline(source=FakeSource(finite=False), inspection={"mode": "triggered"})
+    pipeline._on_frame(frame(1))
+    assert pipeline.queue.empty()
+    pipeline.trigger(Trigger("t1", "P1"))
+    pipeline._on_frame(frame(2))
+    assert pipeline.queue.get_nowait().trigger.part_id == "P1"
+
+
+def test_free_run_refuses_triggers_with_the_fix():
+    pipeline, _, _ = make_pipeline()
+    with pytest.raises(ValueError, match='mode = "triggered"'):
+        pipeline.trigger(Trigger("t1", "P1"))
+
+
+def test_swap_model_refuses_another_frame_size():
+    pipeline, _, _ = make_pipeline()
+    with pytest.raises(ModelError, match="restart"):
+        pipeline.swap_model(Model(FakeScorer(h=128, w=128)))
+    pipeline.swap_model(Model(FakeScorer(threshold=0.1)))
+    assert pipeline.inspect(frame(1))["result"] == "NG"
+
+
+def test_retention_keeps_ng_and_stays_under_its_bound(tmp_path):
+    retention = Retention(RetentionConfig(enabled=True, dir=tmp_path, max_mb=0.01, ok_sample_rate=0.0))
+    assert retention.wants("NG") and retention.wants("ERROR") and not retention.wants("OK")
+    image = np.random.default_rng(0).integers(0, 256, (H, W, 3), np.uint8)  # ~12 kB as PNG
+    for seq in range(1, 4):
+        retention.save(image, {"seq": seq, "captured_at": 1_700_000_000.0 + seq, "result": "NG"})
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[0].endswith("00000003_NG.json"), "only the newest frame is kept"
+    assert json.loads((tmp_path / names[0]).read_text())["seq"] == 3
