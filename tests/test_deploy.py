@@ -1,0 +1,162 @@
+"""The station deployment: deploy/install.sh into a staging root, the systemd unit as installed,
+the plant broker's ACL on a real mosquitto, Prometheus rules under promtool, and the installed
+daemon against a real broker."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from edge_agent.broker import free_port
+from edge_agent.config import MqttConfig
+from edge_agent.errors import ConfigError
+
+ROOT = Path(__file__).parent.parent
+DEPLOY = ROOT / "deploy"
+PREFIX = "/opt/edge-agent"
+BASE_VENV = Path(sys.prefix)
+
+
+def require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed; this deployment check needs it")
+    return path
+
+
+def install(destdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """deploy/install.sh into a staging root, reusing this venv's torch (seconds, not a download)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(["bash", str(DEPLOY / "install.sh"), "--destdir", str(destdir), "--prefix", PREFIX,
+                           "--venv-from", str(BASE_VENV), *args],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("root")
+    result = install(root)
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+# ---- mqtt.password_file and systemd credentials
+
+
+def test_password_file_expands_the_credentials_directory(tmp_path, monkeypatch):
+    (tmp_path / "mqtt-password").write_text("s3cret\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    cfg = MqttConfig(username="st1", password_file="${CREDENTIALS_DIRECTORY}/mqtt-password")
+    assert cfg.password() == "s3cret"
+
+
+def test_password_file_with_an_unset_variable_names_the_fix(monkeypatch):
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    cfg = MqttConfig(username="st1", password_file="${CREDENTIALS_DIRECTORY}/mqtt-password")
+    with pytest.raises(ConfigError, match="LoadCredential"):
+        cfg.password()
+
+
+# ---- install.sh
+
+
+def test_install_stages_config_state_venv_and_unit(staged):
+    assert (staged / "etc/edge-agent/station.toml").read_text() == (DEPLOY / "config.example.toml").read_text()
+    assert (staged / "etc/edge-agent/models").is_dir()
+    assert (staged / "etc/edge-agent/mqtt-password").stat().st_mode & 0o077 == 0
+    for sub in ("outbox", "retention"):
+        assert (staged / "var/lib/edge-agent" / sub).is_dir()
+    unit = (staged / "etc/systemd/system/edge-agent.service").read_text()
+    assert f"ExecStart={PREFIX}/venv/bin/edge-agent run /etc/edge-agent/station.toml" in unit
+    # The installed entry point runs the package copied into the venv, not this checkout.
+    out = subprocess.run([str(staged / "opt/edge-agent/venv/bin/python"), "-c",
+                          "import edge_agent; print(edge_agent.__file__)"],
+                         capture_output=True, text=True, env={"PATH": os.environ["PATH"]}, cwd=staged, check=True)
+    assert out.stdout.startswith(str(staged / "opt/edge-agent/venv/"))
+
+
+def test_install_again_keeps_the_config_and_prefix_rewrites_the_unit(tmp_path):
+    first = install(tmp_path, "--no-venv")
+    assert first.returncode == 0, first.stderr
+    config = tmp_path / "etc/edge-agent/station.toml"
+    config.write_text("# edited by the station engineer\n")
+    again = subprocess.run(["bash", str(DEPLOY / "install.sh"), "--destdir", str(tmp_path), "--prefix",
+                            "/srv/inspect", "--no-venv"], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert "kept the existing" in again.stdout and "systemctl enable --now edge-agent" in again.stdout
+    assert config.read_text() == "# edited by the station engineer\n"
+    unit = (tmp_path / "etc/systemd/system/edge-agent.service").read_text()
+    assert "ExecStart=/srv/inspect/venv/bin/edge-agent run" in unit and "/opt/edge-agent" not in unit
+
+
+def test_uninstall_keeps_config_and_state_unless_purged(tmp_path):
+    assert install(tmp_path, "--no-venv").returncode == 0
+    removed = subprocess.run(["bash", str(DEPLOY / "install.sh"), "--destdir", str(tmp_path), "--uninstall"],
+                             capture_output=True, text=True, timeout=60)
+    assert removed.returncode == 0, removed.stderr
+    assert not (tmp_path / "etc/systemd/system/edge-agent.service").exists()
+    assert not (tmp_path / "opt/edge-agent").exists()
+    assert (tmp_path / "etc/edge-agent/station.toml").exists() and (tmp_path / "var/lib/edge-agent/outbox").is_dir()
+    subprocess.run(["bash", str(DEPLOY / "install.sh"), "--destdir", str(tmp_path), "--uninstall", "--purge"],
+                   capture_output=True, check=True, timeout=60)
+    assert not (tmp_path / "etc/edge-agent").exists() and not (tmp_path / "var/lib/edge-agent").exists()
+
+
+# ---- the systemd unit
+
+
+def os_base(root: Path) -> None:
+    """What a station's OS brings and a staging root lacks: the systemd targets and /bin/kill."""
+    if (root / "usr/lib/systemd/system").exists():
+        return
+    (root / "usr/lib/systemd").mkdir(parents=True)
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    (root / "usr/bin").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(shutil.which("kill") or "/bin/kill", root / "usr/bin/kill")
+    for link in ("bin", "lib"):
+        if not (root / link).exists():
+            (root / link).symlink_to(f"usr/{link}")
+
+
+def analyze(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([require("systemd-analyze"), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_systemd_analyze_verify_passes_on_the_installed_unit(staged):
+    os_base(staged)
+    unit = staged / "etc/systemd/system/edge-agent.service"
+    result = analyze("verify", f"--root={staged}", str(unit))
+    assert result.returncode == 0, result.stderr
+    # Unknown or misspelt directives are only warnings to verify; they must not be there either.
+    assert result.stderr == "", result.stderr
+
+
+def test_systemd_analyze_verify_catches_a_missing_entry_point(staged):
+    os_base(staged)
+    unit = staged / "etc/systemd/system/edge-agent-broken.service"
+    unit.write_text((staged / "etc/systemd/system/edge-agent.service").read_text()
+                    .replace(f"{PREFIX}/venv/bin/edge-agent", f"{PREFIX}/venv/bin/no-such-agent"))
+    result = analyze("verify", f"--root={staged}", str(unit))
+    unit.unlink()
+    assert result.returncode != 0 and "no-such-agent" in result.stderr
+
+
+def test_unit_keeps_camera_gpu_and_network_and_scores_low_exposure(staged):
+    unit = (staged / "etc/systemd/system/edge-agent.service").read_text()
+    assert "\nPrivateDevices=" not in unit and "\nMemoryDenyWriteExecute=" not in unit
+    for needed in ("DeviceAllow=char-video4linux rw", "DeviceAllow=char-drm rw", "SupplementaryGroups=video render",
+                   "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6", "RestartPreventExitStatus=2", "Type=notify"):
+        assert needed in unit
+    result = analyze("security", "--offline=true", f"--root={staged}",
+                     str(staged / "etc/systemd/system/edge-agent.service"))
+    line = next(x for x in result.stdout.splitlines() if "Overall exposure level" in x)
+    score = float(line.split(":")[1].split()[0])
+    documented = (ROOT / "docs/OPERATIONS.md").read_text()
+    assert score <= 2.0 and f"exposure level {score}" in documented, line
