@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -160,3 +161,117 @@ def test_unit_keeps_camera_gpu_and_network_and_scores_low_exposure(staged):
     score = float(line.split(":")[1].split()[0])
     documented = (ROOT / "docs/OPERATIONS.md").read_text()
     assert score <= 2.0 and f"exposure level {score}" in documented, line
+
+
+# ---- the plant broker: TLS, per-station passwords, the ACL
+
+
+class Client:
+    """A paho client over TLS that records what it receives."""
+
+    def __init__(self, port: int, ca: Path, user: str | None, password: str | None = None) -> None:
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.messages: list[tuple[str, bytes]] = []
+        self.connected = threading.Event()
+        self.refused = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{user}-{port}")
+        self.client.tls_set(ca_certs=str(ca))
+        if user is not None:
+            self.client.username_pw_set(user, password)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, m.payload))
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        (self.refused if reason_code.is_failure else self.connected).set()
+
+    def subscribe(self, topic: str) -> None:
+        done = threading.Event()
+        self.client.on_subscribe = lambda *args: done.set()
+        self.client.subscribe(topic, qos=1)
+        assert done.wait(10)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(10)
+
+    def wait_for(self, payload: bytes, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while payload not in [p for _, p in self.messages]:
+            assert time.monotonic() < deadline, f"{payload!r} never arrived; got {self.messages}"
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def plant_broker(tmp_path):
+    """deploy/mosquitto/edge-broker.conf and acl on a free port, with throwaway certs and passwords."""
+    import getpass
+
+    from tests.test_mqtt import _make_certs
+
+    mosquitto, passwd = require("mosquitto"), require("mosquitto_passwd")
+    require("openssl")
+    _make_certs(tmp_path)
+    for i, user in enumerate(("st1", "st2", "mes")):
+        create = ["-c"] if i == 0 else []
+        subprocess.run([passwd, *create, "-b", str(tmp_path / "passwd"), user, f"pw-{user}"], check=True)
+    port = free_port()
+    conf = (DEPLOY / "mosquitto/edge-broker.conf").read_text()
+    for old, new in (("listener 8883", f"listener {port} 127.0.0.1"),
+                     ("/etc/mosquitto/certs/plant-ca.pem", f"{tmp_path}/ca.pem"),
+                     ("/etc/mosquitto/certs/broker.pem", f"{tmp_path}/server.pem"),
+                     ("/etc/mosquitto/certs/broker.key", f"{tmp_path}/server.key"),
+                     ("/etc/mosquitto/edge-passwd", f"{tmp_path}/passwd"), ("/var/lib/mosquitto/", f"{tmp_path}/"),
+                     ("/etc/mosquitto/edge-acl", str(DEPLOY / "mosquitto/acl"))):
+        assert old in conf, old
+        conf = conf.replace(old, new)
+    # Started as root, mosquitto would switch to user mosquitto, who cannot read tmp_path.
+    (tmp_path / "broker.conf").write_text(conf + f"user {getpass.getuser()}\nlog_dest stderr\n")
+    log = open(tmp_path / "broker.log", "wb")
+    proc = subprocess.Popen([mosquitto, "-c", str(tmp_path / "broker.conf")], stdout=log, stderr=log)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert proc.poll() is None, (tmp_path / "broker.log").read_text()
+            assert time.monotonic() < deadline, "plant broker did not start"
+            time.sleep(0.05)
+    yield port, tmp_path / "ca.pem"
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+
+
+@pytest.mark.integration
+def test_plant_broker_keeps_each_station_under_its_own_prefix(plant_broker):
+    port, ca = plant_broker
+    mes, st1, st2 = (Client(port, ca, user, f"pw-{user}") for user in ("mes", "st1", "st2"))
+    anonymous = Client(port, ca, None)
+    try:
+        for client in (mes, st1, st2):
+            assert client.connected.wait(10)
+        assert anonymous.refused.wait(10)
+        mes.subscribe("edge-agent/#")
+        st1.subscribe("edge-agent/st1/trigger")
+        st2.subscribe("edge-agent/st1/trigger")
+        # A station cannot forge another station's verdict; its own arrives (after the forgery, same connection).
+        st1.publish("edge-agent/st2/verdict", b"forged")
+        st1.publish("edge-agent/st1/verdict", b"real")
+        mes.wait_for(b"real")
+        assert b"forged" not in [p for _, p in mes.messages]
+        # The MES triggers st1; st2 cannot read st1's triggers.
+        mes.publish("edge-agent/st1/trigger", b'{"part_id": "P1"}')
+        st1.wait_for(b'{"part_id": "P1"}')
+        time.sleep(0.2)
+        assert st2.messages == []
+    finally:
+        for client in (mes, st1, st2, anonymous):
+            client.close()
