@@ -275,3 +275,98 @@ def test_plant_broker_keeps_each_station_under_its_own_prefix(plant_broker):
     finally:
         for client in (mes, st1, st2, anonymous):
             client.close()
+
+
+# ---- Prometheus: the scrape config, the alert rules and their unit tests
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([require("promtool"), *args], cwd=DEPLOY / "prometheus", capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("args", [("check", "config", "prometheus.yml"), ("check", "rules", "alerts.yml"),
+                                  ("test", "rules", "alerts_test.yml")])
+def test_promtool_accepts_the_plant_prometheus_files(args):
+    result = promtool(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_uses_real_metrics_is_tested_and_has_a_runbook_entry():
+    import re
+
+    from prometheus_client import generate_latest
+
+    from edge_agent.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.calibration(1.0, {"p99": 0.5})
+    exported = set(re.findall(r"^(edge_agent_\w+)", generate_latest(metrics.registry).decode(), re.M))
+    rules = (DEPLOY / "prometheus/alerts.yml").read_text()
+    tests = (DEPLOY / "prometheus/alerts_test.yml").read_text()
+    firing = set(re.findall(r"alertname: (\w+)\n\s+exp_alerts:\n\s+- exp_labels", tests))
+    runbook = (ROOT / "docs/OPERATIONS.md").read_text()
+    for name in re.findall(r"edge_agent_\w+", rules):
+        assert name in exported, f"alerts.yml uses {name}, which edge_agent.metrics does not export"
+    alerts = re.findall(r"- alert: (\w+)", rules)
+    assert len(alerts) >= 8
+    for alert in alerts:
+        assert alert in firing, f"{alert} has no firing case in alerts_test.yml"
+        assert f"### {alert}" in runbook, f"{alert} has no section in docs/OPERATIONS.md"
+
+
+# ---- end to end: the installed entry point with the installed config against a real broker
+
+
+@pytest.mark.integration
+def test_installed_daemon_runs_the_installed_config_against_a_real_broker(tmp_path, vae_model, mosquitto):
+    from tests.test_daemon import THRESHOLD, Subscriber, station_video
+
+    root = tmp_path / "root"
+    result = install(root)
+    assert result.returncode == 0, result.stderr
+    etc = root / "etc/edge-agent"
+    shutil.copy(vae_model, etc / "models/demo-vae.pt")  # the model the example config names
+    station_video(etc / "parts.avi", 3, defective={1})  # the source the example config names
+    (etc / "mqtt-password").write_text("pw-st1\n")
+    # What a station engineer edits: who the station is and where the plant broker is.
+    config = etc / "station.toml"
+    text = config.read_text()
+    for old, new in (('id = "station-1"', 'id = "st1"'), ('host = ""', 'host = "127.0.0.1"'),
+                     ("port = 1883", f"port = {mosquitto.port}"), ('username = ""', 'username = "st1"'),
+                     ("# password_file = (unset by default)",
+                      'password_file = "${CREDENTIALS_DIRECTORY}/mqtt-password"'),
+                     ('device = "auto"', 'device = "cpu"'), ("port = 9108", "port = 0"),
+                     ('dir = "/var/lib/edge-agent/outbox"', f'dir = "{root}/var/lib/edge-agent/outbox"'),
+                     ('dir = "/var/lib/edge-agent/retention"', f'dir = "{root}/var/lib/edge-agent/retention"'),
+                     ("# threshold = (unset by default)", f"threshold = {THRESHOLD}")):
+        assert old in text, f"{old!r} not in the installed config"
+        text = text.replace(old, new, 1)
+    config.write_text(text)
+
+    # What systemd gives the service: the credential directory and a notify socket for READY=1.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(60)
+    env = {"PATH": os.environ["PATH"], "CREDENTIALS_DIRECTORY": str(etc), "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+    subscriber = Subscriber(mosquitto.port)
+    proc = None
+    try:
+        entry_point = root / "opt/edge-agent/venv/bin/edge-agent"
+        proc = subprocess.Popen([str(entry_point), "run", str(config)], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        notices = []
+        while not any(n.startswith("READY=1") for n in notices):
+            notices.extend(notify.recv(4096).decode().splitlines())
+        verdicts = [json.loads(m.payload) for m in subscriber.wait_for("verdict", 3, timeout_s=60)]
+        _, err = proc.communicate(timeout=60)  # a non-looping file ends the run
+        assert proc.returncode == 0, err
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        subscriber.close()
+        notify.close()
+    assert sorted(v["seq"] for v in verdicts) == [1, 2, 3]
+    assert {v["seq"]: v["result"] for v in verdicts} == {1: "OK", 2: "NG", 3: "OK"}
+    assert "Traceback" not in err
