@@ -4,6 +4,7 @@ daemon against a real broker."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -292,16 +293,19 @@ def test_promtool_accepts_the_plant_prometheus_files(args):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_every_alert_uses_real_metrics_is_tested_and_has_a_runbook_entry():
-    import re
-
+def exported_metric_names() -> set[str]:
+    """Every sample name the daemon exports (with _bucket, _total...), the calibration gauges included."""
     from prometheus_client import generate_latest
 
     from edge_agent.metrics import Metrics
 
     metrics = Metrics()
     metrics.calibration(1.0, {"p99": 0.5})
-    exported = set(re.findall(r"^(edge_agent_\w+)", generate_latest(metrics.registry).decode(), re.M))
+    return set(re.findall(r"^(edge_agent_\w+)", generate_latest(metrics.registry).decode(), re.M))
+
+
+def test_every_alert_uses_real_metrics_is_tested_and_has_a_runbook_entry():
+    exported = exported_metric_names()
     rules = (DEPLOY / "prometheus/alerts.yml").read_text()
     tests = (DEPLOY / "prometheus/alerts_test.yml").read_text()
     firing = set(re.findall(r"alertname: (\w+)\n\s+exp_alerts:\n\s+- exp_labels", tests))
@@ -313,6 +317,19 @@ def test_every_alert_uses_real_metrics_is_tested_and_has_a_runbook_entry():
     for alert in alerts:
         assert alert in firing, f"{alert} has no firing case in alerts_test.yml"
         assert f"### {alert}" in runbook, f"{alert} has no section in docs/OPERATIONS.md"
+
+
+def test_grafana_dashboard_queries_only_exported_metrics():
+    dashboard = json.loads((DEPLOY / "grafana/edge-agent.json").read_text())
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exported = exported_metric_names()
+    for name in re.findall(r"edge_agent_\w+", " ".join(exprs)):
+        assert name in exported, f"the dashboard queries {name}, which edge_agent.metrics does not export"
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for needed in ("latency per stage", "throughput", "ng rate", "score distribution", "outbox", "camera", "broker"):
+        assert needed in titles
 
 
 # ---- end to end: the installed entry point with the installed config against a real broker
