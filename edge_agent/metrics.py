@@ -23,8 +23,9 @@ SECONDS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.
 # Image-score buckets as fractions of the threshold: dense around 1.0 so drift toward it shows
 # before verdicts flip, up to 3x so real defects still land in a finite bucket.
 THRESHOLD_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0)
-# Card keys (train/fit.py quantiles()) -> the `quantile` label of edge_agent_good_image_score.
-GOOD_SCORE_QUANTILES = {"p50": "0.5", "p90": "0.9", "p99": "0.99", "max": "1"}
+# The card's good-score statistics exported as edge_agent_good_image_score{stat}. Not a `quantile`
+# label: Prometheus reserves that for summaries (promtool check metrics rejects it).
+GOOD_SCORE_STATS = ("p50", "p90", "p99", "max")
 DEFAULT_SCORE_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0, 1000.0)
 
 
@@ -83,8 +84,8 @@ class Metrics:
         )
         self.good_image_score_gauge = Gauge(
             "edge_agent_good_image_score",
-            "Image scores of good parts at calibration (model card), by quantile; the baseline for drift alerts.",
-            ["quantile"],
+            "Image scores of good parts at calibration (model card): p50, p90, p99, max; the baseline for drift alerts.",
+            ["stat"],
             registry=r,
         )
         self.triggers = Counter("edge_agent_triggers", "PLC triggers, by outcome.", ["result"], registry=r)
@@ -153,10 +154,10 @@ class Metrics:
         self.threshold_gauge.set(threshold)
         # A reloaded model without quantiles must not leave the previous model's baseline behind.
         self.good_image_score_gauge.clear()
-        for key, quantile in GOOD_SCORE_QUANTILES.items():
-            value = (good_image_scores or {}).get(key)
+        for stat in GOOD_SCORE_STATS:
+            value = (good_image_scores or {}).get(stat)
             if value is not None and math.isfinite(value):
-                self.good_image_score_gauge.labels(quantile=quantile).set(value)
+                self.good_image_score_gauge.labels(stat=stat).set(value)
 
     # MQTT
     def latency_s(self, seconds: float) -> None:

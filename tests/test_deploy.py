@@ -294,14 +294,15 @@ def test_promtool_accepts_the_plant_prometheus_files(args):
 
 
 def exported_metric_names() -> set[str]:
-    """Every sample name the daemon exports (with _bucket, _total...), the calibration gauges included."""
+    """Every metric and sample name the daemon exports (_bucket, _total...), the calibration gauges included."""
     from prometheus_client import generate_latest
 
     from edge_agent.metrics import Metrics
 
     metrics = Metrics()
     metrics.calibration(1.0, {"p99": 0.5})
-    return set(re.findall(r"^(edge_agent_\w+)", generate_latest(metrics.registry).decode(), re.M))
+    text = generate_latest(metrics.registry).decode()
+    return set(re.findall(r"^(edge_agent_\w+)", text, re.M)) | set(re.findall(r"^# HELP (edge_agent_\w+)", text, re.M))
 
 
 def test_every_alert_uses_real_metrics_is_tested_and_has_a_runbook_entry():

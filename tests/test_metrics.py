@@ -69,12 +69,12 @@ def test_model_info(metrics):
 def test_calibration_exports_threshold_and_good_score_quantiles(metrics):
     metrics.calibration(0.75, {"n": 40, "p50": 0.25, "p90": 0.375, "p99": 0.5, "max": 0.625, "mean": 0.3})
     assert value(metrics, "edge_agent_threshold") == 0.75
-    for quantile, expected in (("0.5", 0.25), ("0.9", 0.375), ("0.99", 0.5), ("1", 0.625)):
-        assert value(metrics, "edge_agent_good_image_score", quantile=quantile) == expected
+    for stat, expected in (("p50", 0.25), ("p90", 0.375), ("p99", 0.5), ("max", 0.625)):
+        assert value(metrics, "edge_agent_good_image_score", stat=stat) == expected
     # A reloaded model whose card has no quantiles leaves no stale baseline behind.
     metrics.calibration(0.5, None)
     assert value(metrics, "edge_agent_threshold") == 0.5
-    assert value(metrics, "edge_agent_good_image_score", quantile="0.99") is None
+    assert value(metrics, "edge_agent_good_image_score", stat="p99") is None
 
 
 @pytest.mark.parametrize(
