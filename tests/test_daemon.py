@@ -144,6 +144,7 @@ def stop_daemon(proc: subprocess.Popen) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("subscriber", ["5"], indirect=True)
 def test_one_verdict_per_frame_and_the_defect_is_ng_with_its_heatmap(tmp_path, vae_model, mosquitto, subscriber):
     video = station_video(tmp_path / "parts.avi", 6, defective={3})
@@ -182,6 +183,7 @@ def metric(text: str, name: str) -> float:
     return float(m.group(1))
 
 
+@pytest.mark.integration
 def test_sigterm_delivers_every_verdict_and_metrics_pass_promtool(tmp_path, vae_model, mosquitto, subscriber):
     video = station_video(tmp_path / "parts.avi", 5, defective={2})
     metrics_port = free_port()
@@ -213,6 +215,7 @@ def test_sigterm_delivers_every_verdict_and_metrics_pass_promtool(tmp_path, vae_
     assert lint.returncode == 0, lint.stdout + lint.stderr
 
 
+@pytest.mark.integration
 def test_triggered_mode_echoes_part_ids_and_answers_a_malformed_trigger(tmp_path, vae_model, mosquitto, subscriber):
     video = station_video(tmp_path / "parts.avi", 3)
     config = write_config(tmp_path, vae_model, video, mosquitto.port, mode="triggered", loop=True, fps=20)
@@ -240,6 +243,7 @@ def test_triggered_mode_echoes_part_ids_and_answers_a_malformed_trigger(tmp_path
     assert len(subscriber.on("verdict")) == 2, "no verdicts without a trigger"
 
 
+@pytest.mark.integration
 def test_check_config_names_the_bad_key_and_exits_2(tmp_path, vae_model):
     good = write_config(tmp_path, vae_model, tmp_path / "parts.avi", 1883)
     ok = subprocess.run(agent("check-config", str(good)), env=env(), capture_output=True, text=True)
@@ -252,6 +256,7 @@ def test_check_config_names_the_bad_key_and_exits_2(tmp_path, vae_model):
     assert len(done.stderr.strip().splitlines()) == 2 and "Traceback" not in done.stderr
 
 
+@pytest.mark.integration
 def test_a_tampered_model_exits_2_with_one_line(tmp_path, vae_model):
     tampered = tmp_path / "tampered.pt"
     with zipfile.ZipFile(vae_model) as src, zipfile.ZipFile(tampered, "w") as dst:
