@@ -104,12 +104,14 @@ create_user() {
             --shell /usr/sbin/nologin --comment "edge-agent inspection daemon" "$SERVICE_USER"
         say "created the system user $SERVICE_USER"
     fi
+    # The unit names both groups; systemd refuses to start a service whose group does not exist
+    # (a CPU-only station may have no `render`), so create it, empty.
     for group in video render; do
-        if getent group "$group" >/dev/null; then
-            usermod --append --groups "$group" "$SERVICE_USER"
-        else
-            say "no group $group on this system; the unit's SupplementaryGroups needs it: groupadd --system $group"
+        if ! getent group "$group" >/dev/null; then
+            groupadd --system "$group"
+            say "created the missing system group $group"
         fi
+        usermod --append --groups "$group" "$SERVICE_USER"
     done
 }
 
