@@ -93,7 +93,11 @@ class MqttConfig(Section):
     client_id: str = Field("", description="Client id; default edge-agent-<station>.")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive.")
     username: str = Field("", description="Username for password authentication.")
-    password_file: Path | None = Field(None, description="File holding the password (e.g. a systemd credential).")
+    password_file: Path | None = Field(
+        None,
+        description="File holding the password; $VARIABLES expand when it is read, so a systemd credential is "
+        '"${CREDENTIALS_DIRECTORY}/mqtt-password".',
+    )
     password_env: str = Field("", description="Environment variable holding the password.")
     heatmap: Literal["ng", "all", "never"] = Field("ng", description="Which verdicts get a heatmap JPEG.")
     heatmap_quality: int = Field(80, ge=10, le=100, description="Heatmap JPEG quality.")
@@ -112,10 +116,15 @@ class MqttConfig(Section):
     def password(self) -> str | None:
         """The password from password_file or password_env; never logged."""
         if self.password_file is not None:
+            path = Path(os.path.expandvars(self.password_file))
+            if "$" in str(path):
+                # Expanded here, not at load: systemd sets $CREDENTIALS_DIRECTORY only for the service.
+                raise ConfigError(f"mqtt.password_file {self.password_file}: a variable in it is not set; run it under "
+                                  "systemd with LoadCredential=mqtt-password:... or give a plain path")
             try:
-                return self.password_file.read_text().strip()
+                return path.read_text().strip()
             except OSError as e:
-                raise ConfigError(f"mqtt.password_file {self.password_file}: {e.strerror}; fix the path or permissions")
+                raise ConfigError(f"mqtt.password_file {path}: {e.strerror}; fix the path or permissions")
         if self.password_env:
             value = os.environ.get(self.password_env)
             if value is None:

@@ -160,6 +160,7 @@ def _model_info(metrics: Metrics, model: Model) -> None:
     s = model.scorer
     metrics.model_info(s.model_id, s.checksum, s.score_name, s.threshold, str(s.device),
                        str(s.dtype).removeprefix("torch."))
+    metrics.calibration(s.threshold, s.card.get("thresholds", {}).get(s.score_name, {}).get("good_image_scores"))
 
 
 def _install_signals(stop: threading.Event, reloader: _Reloader) -> None:

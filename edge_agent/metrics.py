@@ -7,6 +7,7 @@ prometheus_client themselves; tests pass a fresh CollectorRegistry and read samp
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from wsgiref.simple_server import WSGIServer
 
@@ -22,6 +23,9 @@ SECONDS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.
 # Image-score buckets as fractions of the threshold: dense around 1.0 so drift toward it shows
 # before verdicts flip, up to 3x so real defects still land in a finite bucket.
 THRESHOLD_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0, 3.0)
+# The card's good-score statistics exported as edge_agent_good_image_score{stat}. Not a `quantile`
+# label: Prometheus reserves that for summaries (promtool check metrics rejects it).
+GOOD_SCORE_STATS = ("p50", "p90", "p99", "max")
 DEFAULT_SCORE_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0, 1000.0)
 
 
@@ -73,6 +77,15 @@ class Metrics:
             "edge_agent_image_score",
             "Image anomaly score (max patch score); buckets are fractions of the threshold.",
             buckets=score_buckets(threshold),
+            registry=r,
+        )
+        self.threshold_gauge = Gauge(
+            "edge_agent_threshold", "Image-score threshold in use: a frame is NG when its score is above it.", registry=r
+        )
+        self.good_image_score_gauge = Gauge(
+            "edge_agent_good_image_score",
+            "Image scores of good parts at calibration (model card): p50, p90, p99, max; the baseline for drift alerts.",
+            ["stat"],
             registry=r,
         )
         self.triggers = Counter("edge_agent_triggers", "PLC triggers, by outcome.", ["result"], registry=r)
@@ -135,6 +148,16 @@ class Metrics:
                 "precision": precision,
             }
         )
+
+    def calibration(self, threshold: float, good_image_scores: Mapping[str, float] | None) -> None:
+        """The threshold and the card's good-score quantiles (p50, p90, p99, max), as numbers alerts can compare."""
+        self.threshold_gauge.set(threshold)
+        # A reloaded model without quantiles must not leave the previous model's baseline behind.
+        self.good_image_score_gauge.clear()
+        for stat in GOOD_SCORE_STATS:
+            value = (good_image_scores or {}).get(stat)
+            if value is not None and math.isfinite(value):
+                self.good_image_score_gauge.labels(stat=stat).set(value)
 
     # MQTT
     def latency_s(self, seconds: float) -> None:

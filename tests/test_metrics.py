@@ -66,6 +66,17 @@ def test_model_info(metrics):
     assert value(metrics, "edge_agent_model_info", **labels) == 1.0
 
 
+def test_calibration_exports_threshold_and_good_score_quantiles(metrics):
+    metrics.calibration(0.75, {"n": 40, "p50": 0.25, "p90": 0.375, "p99": 0.5, "max": 0.625, "mean": 0.3})
+    assert value(metrics, "edge_agent_threshold") == 0.75
+    for stat, expected in (("p50", 0.25), ("p90", 0.375), ("p99", 0.5), ("max", 0.625)):
+        assert value(metrics, "edge_agent_good_image_score", stat=stat) == expected
+    # A reloaded model whose card has no quantiles leaves no stale baseline behind.
+    metrics.calibration(0.5, None)
+    assert value(metrics, "edge_agent_threshold") == 0.5
+    assert value(metrics, "edge_agent_good_image_score", stat="p99") is None
+
+
 @pytest.mark.parametrize(
     "threshold, expected_in, lowest, highest",
     [(0.5, 0.5, 0.05, 1.5), (2.0, 2.0, 0.2, 6.0), (None, 1.0, 0.001, 1000.0), (-3.0, 1.0, 0.001, 1000.0)],
