@@ -199,9 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as e:
-        import click
+        try:
+            from click.exceptions import ClickException
+        except ImportError:  # typer >= 0.2x vendors click instead of depending on it
+            from typer._click.exceptions import ClickException
 
-        if isinstance(e, click.exceptions.ClickException):
+        if isinstance(e, ClickException):
             e.show()
             sys.exit(e.exit_code)
         if os.environ.get("EDGE_AGENT_DEBUG"):
