@@ -111,7 +111,7 @@ def score(
             if json_out:
                 _json_line({"image": str(f), "error": str(e), "anomalous": None})
             continue
-        d = decide(fs.grid, fs.scores, scorer.threshold)
+        d = decide(fs.grid, fs.scores, scorer.threshold, scorer.counted(fs.grid))
         row = {"image": str(f), "score": d.score, "threshold": scorer.threshold, "anomalous": d.anomalous,
                "result": d.result, "score_name": scorer.score_name, "worst_patch": _box(d.worst_box),
                "patches_over_threshold": d.patches_over, "patches_total": d.patches_total}
