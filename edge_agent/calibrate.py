@@ -203,10 +203,10 @@ def choose(good_scores, defect_scores=None, method: str = "frr", target_frr: flo
         "good_over_threshold": exceedances,
         "observed_frr": exceedances / n,
         "frr_upper_bound": frr_upper_bound(exceedances, n, confidence),
-        "n_min_for_target": n_min,
-        "enough_good_images": n >= n_min,
-        "confidence_for_target_frr": confidence_for(exceedances, n, target_frr),
     }
+    if method in ("frr", "max-train"):
+        entry.update({"n_min_for_target": n_min, "enough_good_images": n >= n_min,
+                      "confidence_for_target_frr": confidence_for(exceedances, n, target_frr)})
     if defect.size:
         point = operating_point(np.r_[np.zeros(n), np.ones(defect.size)], np.r_[good, defect], value)
         entry.update({key: point[key] for key in ("precision", "recall", "f1", "miss_rate")})
