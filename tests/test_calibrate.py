@@ -301,3 +301,13 @@ def test_ignore_mask_in_the_card_changes_the_verdict(capsys, model, station, tmp
     assert card["thresholds"][card["scores"]["default"]]["ignore_mask_sha256"] == card["ignore_mask"]["sha256"]
     assert np.array_equal(Scorer(model, device="cpu", warmup=False).ignore_mask, mask)
     assert verdicts() == [False, True]  # the defect under the black area is OK now, the other still NG
+    # evaluate takes the mask from the card too: the masked image scores without its defect's patches
+    (tmp_path / "good").mkdir()
+    (tmp_path / "defect").mkdir()
+    shutil.copy(masked, tmp_path / "good/masked.png")
+    shutil.copy(elsewhere, tmp_path / "defect/elsewhere.png")
+    rc, out, err = run_cli(capsys, "evaluate", model, "--good", tmp_path / "good", "--defect", tmp_path / "defect",
+                           "--report", tmp_path / "eval", "-q", "--device", "cpu")
+    assert rc == 0, err
+    result = json.loads((tmp_path / "eval/report.json").read_text())["models"][0]["scores"][card["scores"]["default"]]
+    assert result["good_scores"]["max"] == pytest.approx(low, rel=1e-6)
