@@ -111,7 +111,7 @@ def score(
             if json_out:
                 _json_line({"image": str(f), "error": str(e), "anomalous": None})
             continue
-        d = decide(fs.grid, fs.scores, scorer.threshold)
+        d = decide(fs.grid, fs.scores, scorer.threshold, scorer.counted(fs.grid))
         row = {"image": str(f), "score": d.score, "threshold": scorer.threshold, "anomalous": d.anomalous,
                "result": d.result, "score_name": scorer.score_name, "worst_patch": _box(d.worst_box),
                "patches_over_threshold": d.patches_over, "patches_total": d.patches_total}
@@ -147,6 +147,33 @@ def evaluate(
     from edge_agent.evaluate_cmd import run_evaluation
 
     summary = run_evaluation(models, good, defect, masks, score_names, report, device, allow_overlap, not quiet)
+    typer.echo(summary)
+
+
+@app.command()
+def calibrate(
+    model: Model,
+    good: Annotated[Path, typer.Option(help="Folder of good images held out from training (one score per image).")],
+    defect: Annotated[Optional[Path], typer.Option(help="Folder of defective images (for f1, youden, target-recall).")] = None,
+    masks: Annotated[Optional[Path], typer.Option(help="Ground-truth masks of the defects (same names) for pixel AUROC.")] = None,
+    score_name: Annotated[Optional[str], typer.Option("--score", help="Score to calibrate; default: the card's.")] = None,
+    target_frr: Annotated[Optional[float], typer.Option(help="Highest false-reject rate to guarantee (method frr; default 0.01).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="frr (default), f1, youden, target-recall or max-train.")] = None,
+    target_recall: Annotated[Optional[float], typer.Option(help="Share of defects to catch (method target-recall).")] = None,
+    confidence: Annotated[float, typer.Option(help="Confidence of the false-reject bound.")] = 0.95,
+    ignore_mask: Annotated[Optional[Path], typer.Option(help="Image whose black pixels mark where patches do not count; stored in the model.")] = None,
+    strict: Annotated[bool, typer.Option(help="Refuse (exit 2) instead of warning when there are too few good images.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print what would change; write nothing.")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="Write calibration.json, histograms.png (and roc.png) here.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Set the threshold from good images (false-reject bound) or with defects (F1, Youden, recall); writes the card."""
+    from edge_agent.calibrate_cmd import run_calibration
+
+    summary = run_calibration(model, good, defect, masks, score_name, method, target_frr, target_recall, confidence,
+                              ignore_mask, strict, dry_run, report, device, not quiet,
+                              warn=lambda msg: typer.echo(f"edge-agent: warning: {msg}", err=True))
     typer.echo(summary)
 
 

@@ -45,7 +45,8 @@ def run_evaluation(models: list[Path], good: Path, defect: Path, masks: Path | N
         if unknown:
             raise DataError(f"--score {unknown[0]!r} is not a score of {model}; choose from: {', '.join(card['scores']['names'])}")
         run = ScoringRun()
-        results = score_files(scorer, files, names, progress=progress, label=f"evaluate {model.name}", run=run)
+        results = score_files(scorer, files, names, ignore_mask=scorer.ignore_mask, progress=progress,
+                              label=f"evaluate {model.name}", run=run)
         mask_list = None
         if masks is not None:
             mask_list = [None] * len(good_files) + read_masks(defect_files, masks, [r.grid for r in results[len(good_files):]])

@@ -5,6 +5,8 @@ Everything downstream gets numpy patch scores (N,) float32 and the patch grid th
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -51,6 +53,22 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return table[precision]
 
 
+def decode_ignore_mask(card: dict[str, Any]) -> np.ndarray | None:
+    """The card's ignore mask as (H, W) uint8 (0 = patches there do not count), or None when it has none."""
+    record = card.get("ignore_mask")
+    if not record:
+        return None
+    import cv2
+
+    data = base64.b64decode(record["png_base64"])
+    if "sha256:" + hashlib.sha256(data).hexdigest() != record.get("sha256"):
+        raise ModelError("the model card's ignore mask does not match its sha256; recalibrate with --ignore-mask")
+    mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise ModelError("the model card's ignore mask is not a readable PNG; recalibrate with --ignore-mask")
+    return mask
+
+
 @dataclass(frozen=True)
 class FrameScores:
     """Patch scores of one frame: scores[i] belongs to grid.box(i)."""
@@ -89,6 +107,8 @@ class Scorer:
         self.cover_edges = bool(card["patch"].get("cover_edges", True))
         self.channels = int(card["input"]["channels"])
         self._grids: dict[tuple[int, int], PatchGrid] = {}
+        self.ignore_mask = decode_ignore_mask(card)
+        self._counted: dict[tuple[int, int], np.ndarray | None] = {}
         if warmup:
             self.warm_up()
         logger.info("model %s loaded: score %s, threshold %.6g, %s %s", self.model_id, self.score_name,
@@ -107,6 +127,13 @@ class Scorer:
         if key not in self._grids:
             self._grids[key] = PatchGrid.for_frame(height, width, self.patch_size, self.stride, self.cover_edges)
         return self._grids[key]
+
+    def counted(self, grid: PatchGrid) -> np.ndarray | None:
+        """(N,) bool: the patches of this grid outside the card's ignore mask; None when the card has no mask."""
+        key = (grid.frame_h, grid.frame_w)
+        if key not in self._counted:
+            self._counted[key] = grid.counted(self.ignore_mask)
+        return self._counted[key]
 
     def warm_up(self, batches: int = 2) -> float:
         """Run a few batches so the first real frame does not pay for allocation and kernel selection."""
