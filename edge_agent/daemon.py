@@ -41,7 +41,9 @@ def load_model(cfg: ModelConfig, warmup: bool = True) -> Model:
         raise ModelError(f"model.path {cfg.path} not found; train one with `edge-agent train` or fix the path")
     scorer = Scorer(cfg.path, device=cfg.device, precision=cfg.precision, score_name=cfg.score,
                     batch_size=cfg.batch_size, threshold=cfg.threshold, warmup=warmup)
-    return Model(scorer, load_ignore_mask(cfg.ignore_mask, scorer))
+    # The config's mask, when set, overrides the one `edge-agent calibrate` stored in the card.
+    mask = load_ignore_mask(cfg.ignore_mask, scorer)
+    return Model(scorer, scorer.ignore_mask if mask is None else mask)
 
 
 def load_ignore_mask(path: Path | None, scorer: Any) -> np.ndarray | None:

@@ -311,3 +311,8 @@ def test_ignore_mask_in_the_card_changes_the_verdict(capsys, model, station, tmp
     assert rc == 0, err
     result = json.loads((tmp_path / "eval/report.json").read_text())["models"][0]["scores"][card["scores"]["default"]]
     assert result["good_scores"]["max"] == pytest.approx(low, rel=1e-6)
+    # and so does the daemon, unless its config names a mask of its own
+    from edge_agent.config import ModelConfig
+    from edge_agent.daemon import load_model
+
+    assert np.array_equal(load_model(ModelConfig(path=model, device="cpu"), warmup=False).ignore_mask, mask)
