@@ -1,6 +1,8 @@
 """The only module that runs TorchScript: loads an artifact, checks it, picks device and precision, warms up.
 
 Everything downstream gets numpy patch scores (N,) float32 and the patch grid they belong to.
+The chosen score runs through a fast path (frozen, channels-last, equal batches; on CUDA pinned
+staging, uploads overlapped with compute and CUDA graphs); docs/PERFORMANCE.md says what each buys.
 """
 
 from __future__ import annotations
@@ -69,6 +71,63 @@ def decode_ignore_mask(card: dict[str, Any]) -> np.ndarray | None:
     return mask
 
 
+WEIGHTED = ("Conv2d", "ConvTranspose2d", "Linear")
+
+
+def reduced_precision(module: torch.jit.ScriptModule, dtype: torch.dtype) -> torch.jit.ScriptModule:
+    """Cast to bf16/fp16 except the output layer, which stays float32.
+
+    The VAE's last deconv gives the logits of mu_x and sigma_x; sigma_x = softplus(logit) puts a
+    bf16 rounding of the logit (2^-9 relative) into 1/sigma^2 with a factor of |logit|, which made
+    scores ~3 % off. Its share of the compute is ~1.5 %, so float32 there costs nothing.
+    """
+    leaves = [m for m in module.modules() if not list(m.children())]
+    weighted = [m for m in leaves if getattr(m, "original_name", "") in WEIGHTED]
+    for m in leaves:
+        # Never cast the output layer down and back: bf16-rounded weights alone cost ~0.08 %.
+        if not weighted or m is not weighted[-1]:
+            m.to(dtype)
+    return module
+
+
+class _ChosenScore(torch.nn.Module):
+    """forward(x) = module.score(x, name): a single method with the name constant, so freezing can fold it."""
+
+    def __init__(self, module: torch.nn.Module, name: str):
+        super().__init__()
+        self.module = module
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module.score(x, self.name)
+
+
+def optimise(module: torch.jit.ScriptModule, name: str, device: torch.device, channels_last: bool = True):
+    """The loaded module's score `name` as a frozen TorchScript function of x (N, C, P, P) -> (N,).
+
+    Freezing inlines the weights and folds conv + BatchNorm; optimize_for_inference adds oneDNN
+    prepacked convolutions on CPU (fp32). The caller checks the result against the module itself.
+    """
+    wrapper = torch.jit.script(_ChosenScore(module, name)).eval()
+    if channels_last:
+        wrapper = wrapper.to(memory_format=torch.channels_last)
+    frozen = torch.jit.freeze(wrapper)
+    try:
+        return torch.jit.optimize_for_inference(frozen)
+    except RuntimeError as e:  # some graphs (or dtypes) have no oneDNN rewrite; frozen alone still helps
+        logger.info("optimize_for_inference skipped: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return frozen
+
+
+def equal_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, end) ranges covering n in ceil(n / batch_size) batches of equal size (+-1), not one runt."""
+    if n == 0:
+        return []
+    count = -(-n // batch_size)
+    size = -(-n // count)
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
 @dataclass(frozen=True)
 class FrameScores:
     """Patch scores of one frame: scores[i] belongs to grid.box(i)."""
@@ -82,7 +141,10 @@ class Scorer:
 
     def __init__(self, path: Path | str, device: str = "auto", precision: str = "fp32",
                  score_name: str | None = None, batch_size: int = 512, threshold: float | None = None,
-                 warmup: bool = True):
+                 warmup: bool = True, fast: bool = True, channels_last: bool = True, cuda_graphs: bool = True,
+                 threads: int | None = None):
+        if threads is not None:
+            torch.set_num_threads(threads)  # process-wide: the scorer is the process's one compute user
         self.path = Path(path)
         self.device = pick_device(device)
         self.dtype = pick_dtype(precision, self.device)
@@ -99,9 +161,12 @@ class Scorer:
             threshold = float(entry["value"])
         self.threshold = float(threshold)
         if self.dtype != torch.float32:
-            module = module.to(self.dtype)
+            module = reduced_precision(module, self.dtype)
         self.module = module
         self.batch_size = batch_size
+        self.channels_last = channels_last
+        self.fast = None  # the chosen score, frozen; None = the module's own score()
+        self._cuda: _CudaRunner | None = None
         self.patch_size = int(card["patch"]["size"])
         self.stride = int(card["patch"]["stride"])
         self.cover_edges = bool(card["patch"].get("cover_edges", True))
@@ -109,6 +174,10 @@ class Scorer:
         self._grids: dict[tuple[int, int], PatchGrid] = {}
         self.ignore_mask = decode_ignore_mask(card)
         self._counted: dict[tuple[int, int], np.ndarray | None] = {}
+        if self.dtype != torch.float32:
+            self._probe_reduced()
+        if fast:
+            self._use_fast_path(cuda_graphs)
         if warmup:
             self.warm_up()
         logger.info("model %s loaded: score %s, threshold %.6g, %s %s", self.model_id, self.score_name,
@@ -135,9 +204,51 @@ class Scorer:
             self._counted[key] = grid.counted(self.ignore_mask)
         return self._counted[key]
 
+    def _probe_reduced(self) -> None:
+        x = torch.rand(2, self.channels, self.patch_size, self.patch_size, device=self.device)
+        try:
+            with torch.inference_mode():
+                self.module.score(x, self.score_name)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            precision = str(self.dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")
+            raise ModelError(f"{self.path} cannot score in {precision} ({first}); it was exported before mixed "
+                             f"precision support: re-export it with `edge-agent train` or set precision fp32") from None
+
+    def _use_fast_path(self, cuda_graphs: bool) -> None:
+        """Freeze the chosen score; keep it only if it scores like the module itself (else log and stay eager)."""
+        probe = torch.rand(4, self.channels, self.patch_size, self.patch_size)
+        try:
+            fast = optimise(self.module, self.score_name, self.device, self.channels_last)
+            with torch.inference_mode():
+                x = self._layout(probe.to(self.device))
+                want = self.module.score(x, self.score_name).float()
+                got = fast(x).float()
+        except Exception as e:  # an artifact that cannot be frozen still scores, only slower
+            logger.warning("model %s: fast path unavailable (%s: %s); scoring with the module as loaded",
+                           self.path.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            return
+        tol = 1e-3 if self.dtype == torch.float32 else 2e-2
+        if not torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max().clamp(min=1.0))):
+            logger.warning("model %s: the frozen score differs from the module's (max %.3g vs %.3g); not using it",
+                           self.path.name, float((got - want).abs().max()), float(want.abs().max()))
+            return
+        self.fast = fast
+        if self.device.type == "cuda":
+            self._cuda = _CudaRunner(fast, self.batch_size, (self.channels, self.patch_size, self.patch_size),
+                                     self.dtype, self.channels_last, cuda_graphs)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
     def warm_up(self, batches: int = 2) -> float:
         """Run a few batches so the first real frame does not pay for allocation and kernel selection."""
-        x = torch.rand(min(self.batch_size, 64), self.channels, self.patch_size, self.patch_size)
+        # The batch shape a whole frame uses, so oneDNN and the JIT have met it before the first frame.
+        n = min(self.batch_size, 64)
+        h, w = self.card["input"].get("frame_height"), self.card["input"].get("frame_width")
+        if self.fast is not None and h and w:
+            n = max(e - s for s, e in equal_batches(self.grid(int(h), int(w)).count, self.batch_size))
+        x = torch.rand(n, self.channels, self.patch_size, self.patch_size)
         t0 = time.perf_counter()
         for _ in range(batches):
             self.score_patches(x)
@@ -147,10 +258,17 @@ class Scorer:
     def score_patches(self, patches: torch.Tensor, name: str | None = None) -> np.ndarray:
         """(N, C, P, P) float32 in [0, 1] -> (N,) float32, in batches of batch_size."""
         name = name or self.score_name
+        if self.fast is not None and name == self.score_name:
+            if self._cuda is not None:
+                return self._cuda.score(patches)
+            run = self.fast
+        else:
+            def run(x: torch.Tensor) -> torch.Tensor:
+                return self.module.score(x, name)
         out = []
-        for start in range(0, patches.shape[0], self.batch_size):
-            x = patches[start : start + self.batch_size].to(self.device, self.dtype, non_blocking=True)
-            out.append(self.module.score(x, name).float().cpu())
+        for start, end in equal_batches(patches.shape[0], self.batch_size):
+            x = self._layout(patches[start:end].to(self.device, non_blocking=True))
+            out.append(run(x).float().cpu())
         return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
     @torch.inference_mode()
@@ -158,7 +276,7 @@ class Scorer:
         """Every score of the model at once: name -> (N,) float32."""
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, patches.shape[0], self.batch_size):
-            x = patches[start : start + self.batch_size].to(self.device, self.dtype, non_blocking=True)
+            x = patches[start : start + self.batch_size].to(self.device, non_blocking=True)
             for k, v in self.module.scores(x).items():
                 parts.setdefault(k, []).append(v.float().cpu())
         return {k: torch.cat(v).numpy() for k, v in parts.items()}
@@ -172,3 +290,77 @@ class Scorer:
     def score_image(self, image: np.ndarray, name: str | None = None) -> FrameScores:
         grid, patches = self.patches(image)
         return FrameScores(grid, self.score_patches(patches, name))
+
+
+class _CudaRunner:
+    """CUDA: patches go through a pinned staging buffer, are uploaded on a side stream while the
+    previous batch computes, and each full batch replays a captured CUDA graph (fixed shapes).
+
+    Not measured in this project's CI (no GPU); tests with the `gpu` marker run it where CUDA exists.
+    """
+
+    def __init__(self, fn, batch_size: int, item_shape: tuple[int, int, int], dtype: torch.dtype,
+                 channels_last: bool, graphs: bool):
+        self.fn = fn
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        shape = (batch_size, *item_shape)
+        # Two pinned host buffers and two device buffers: batch i+1 uploads while batch i computes.
+        self.host = [torch.empty(shape, dtype=torch.float32).pin_memory() for _ in range(2)]
+        # float32 on the device too: the model casts to its own dtype and the score needs exact pixels.
+        self.dev = [torch.empty(shape, device="cuda").contiguous(memory_format=self.memory_format)
+                    for _ in range(2)]
+        self.upload = torch.cuda.Stream()
+        self.graphs: list[torch.cuda.CUDAGraph] | None = None
+        self.graph_out: list[torch.Tensor] = []
+        if graphs:
+            try:
+                self._capture()
+            except Exception as e:  # graphs are an optimisation; eager CUDA still works
+                logger.warning("CUDA graph capture failed (%s); running without graphs", e)
+                self.graphs = None
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for buf in self.dev:  # the profiling executor settles on a graph after a few runs
+                for _ in range(3):
+                    self.fn(buf)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graphs, self.graph_out = [], []
+        for buf in self.dev:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g), torch.inference_mode():
+                out = self.fn(buf).float()
+            self.graphs.append(g)
+            self.graph_out.append(out)
+
+    @torch.inference_mode()
+    def score(self, patches: torch.Tensor) -> np.ndarray:
+        """(N, C, P, P) float32 on the host -> (N,) float32; one synchronisation per call."""
+        n = patches.shape[0]
+        result = torch.empty(n, dtype=torch.float32).pin_memory()
+        compute = torch.cuda.current_stream()
+        done = [torch.cuda.Event(), torch.cuda.Event()]
+        for i, start in enumerate(range(0, n, self.batch_size)):
+            end = min(start + self.batch_size, n)
+            k = i % 2
+            host, dev = self.host[k], self.dev[k]
+            done[k].synchronize()  # batch i-2 has finished with these buffers (its upload, compute, download)
+            host[: end - start].copy_(patches[start:end])
+            if end - start < self.batch_size:
+                host[end - start :].zero_()  # fixed graph shape: pad, then ignore the padded scores
+            with torch.cuda.stream(self.upload):
+                dev.copy_(host, non_blocking=True)
+            compute.wait_stream(self.upload)
+            if self.graphs is not None:
+                self.graphs[k].replay()
+                out = self.graph_out[k]
+            else:
+                out = self.fn(dev).float()
+            result[start:end].copy_(out[: end - start], non_blocking=True)
+            done[k].record(compute)
+        compute.synchronize()
+        return result.numpy()

@@ -28,6 +28,26 @@ def encoder_sizes(patch_size: int) -> List[int]:
     return sizes
 
 
+class Layers(nn.Sequential):
+    """nn.Sequential whose layers with weights take their input in their own dtype.
+
+    So a module cast to bf16/fp16 takes float32 patches, and a mixed policy (scoring.py keeps the
+    output layer in float32) works; when all dtypes agree every cast is a no-op.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            if hasattr(layer, "weight"):  # resolved statically per layer: conv, deconv, batch norm
+                x = layer(x.to(layer.weight.dtype))
+            else:
+                x = layer(x)
+        return x
+
+
+def flatten_as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.flatten(x, 1).to(dtype)
+
+
 class ConvEncoder(nn.Module):
     """Conv(4x4, stride 2) + BatchNorm + ReLU layers; layer n has nc * 2**(n-1) channels; then one linear layer."""
 
@@ -40,11 +60,11 @@ class ConvEncoder(nn.Module):
             c_out = nc * 2**n
             layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
             c_in = c_out
-        self.conv = nn.Sequential(*layers)
+        self.conv = Layers(*layers)
         self.fc = nn.Linear(c_in * sizes[-1] ** 2, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.conv(x), 1))
+        return self.fc(flatten_as(self.conv(x), self.fc.weight.dtype))
 
 
 class ConvDecoder(nn.Module):
@@ -68,10 +88,10 @@ class ConvDecoder(nn.Module):
             if not last:
                 layers += [nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
             c_in = c_out
-        self.deconv = nn.Sequential(*layers)
+        self.deconv = Layers(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.deconv(self.fc(z).view(-1, self.c0, self.s0, self.s0))
+        return self.deconv(self.fc(z.to(self.fc.weight.dtype)).view(-1, self.c0, self.s0, self.s0))
 
 
 class VAE(nn.Module):
