@@ -157,6 +157,22 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
             bar.update(1, eta_s=eta, epoch=f"{step // steps_per_epoch + 1}/{opts.epochs}", loss=ema)
     seconds = time.monotonic() - t0
 
+    training = {
+        "data_dir": str(data_dir), "images": len(files), "data_fingerprint": fingerprint(files),
+        "image_hashes": file_hashes(files),
+        "steps": step, "steps_per_epoch": steps_per_epoch, "epochs": round(step / steps_per_epoch, 3),
+        "stopped_by": stopped_by, "final_loss": ema, "seconds": round(seconds, 1),
+        "batch_size": opts.batch_size, "lr": opts.lr, "weight_decay": opts.weight_decay,
+        "optimizer": "Adam(betas=(0.9, 0.999))", "seed": opts.seed, "device": str(device),
+        "autocast": "bf16" if use_bf16 else "fp32",
+    }
+    export(model, opts, out, int(h), int(w), training)
+    return set_training_thresholds(out, files, progress=opts.progress)
+
+
+def export(model: nn.Module, opts: TrainOptions, out: Path, frame_h: int, frame_w: int,
+           training: dict[str, Any], thresholds: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Script the model (eval, CPU) and write it with its card: the one way an artifact is made."""
     model.eval().cpu()
     scripted = torch.jit.script(model)
     card = {
@@ -164,28 +180,19 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
         "family": opts.model,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "input": {"channels": opts.channels, "color": "gray" if opts.channels == 1 else "bgr",
-                  "scale": "x / 255", "frame_height": int(h), "frame_width": int(w)},
+                  "scale": "x / 255", "frame_height": frame_h, "frame_width": frame_w},
         "patch": {"size": opts.patch_size, "stride": opts.stride, "cover_edges": True},
         "scores": {"names": list(model.score_names), "default": model.default_score, "pixel_map": True,
                    "higher_is_anomalous": True},
         "architecture": {"nc": opts.nc, "nz": opts.nz, "depth": len(model.encoder.conv) // 3,
                          **({"sigma_min": opts.sigma_min} if opts.model == "vae" else {})},
-        "thresholds": {},
-        "training": {
-            "data_dir": str(data_dir), "images": len(files), "data_fingerprint": fingerprint(files),
-            "image_hashes": file_hashes(files),
-            "steps": step, "steps_per_epoch": steps_per_epoch, "epochs": round(step / steps_per_epoch, 3),
-            "stopped_by": stopped_by, "final_loss": ema, "seconds": round(seconds, 1),
-            "batch_size": opts.batch_size, "lr": opts.lr, "weight_decay": opts.weight_decay,
-            "optimizer": "Adam(betas=(0.9, 0.999))", "seed": opts.seed, "device": str(device),
-            "autocast": "bf16" if use_bf16 else "fp32",
-        },
+        "thresholds": thresholds or {},
+        "training": training,
         "versions": {"edge_agent": edge_agent.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
         **opts.extra_card,
     }
-    artifact.save(scripted, card, out)
-    return set_training_thresholds(out, files, progress=opts.progress)
+    return artifact.save(scripted, card, out)
 
 
 def set_training_thresholds(path: Path, files: list[Path], progress: bool = True) -> dict[str, Any]:
