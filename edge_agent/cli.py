@@ -233,6 +233,33 @@ def _print_verdict(v: dict) -> None:
     sys.stdout.flush()
 
 
+@app.command()
+def bench(
+    model: Annotated[Optional[Path], typer.Argument(help="Model file; default: the seed VAE (Nc=32, Nz=100, P=96) with random weights.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the full result as JSON on stdout.")] = False,
+    frames: Annotated[int, typer.Option("--frames", min=2, help="Frames through the daemon pipeline.")] = 8,
+    latency_frames: Annotated[int, typer.Option(min=2, help="Single frames at low load for p50/p99 latency.")] = 5,
+    test_frames: Annotated[int, typer.Option(min=2, help="Synthetic test frames (half defective) for fp32 vs bf16.")] = 6,
+    repeats: Annotated[int, typer.Option(min=1, help="Best-of repeats for matmul and scorer timings.")] = 3,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    batch_size: Annotated[int, typer.Option(min=1, help="Patches per forward pass.")] = 512,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads; default: torch's (physical cores).")] = None,
+    precision: Annotated[str, typer.Option(help="Precision of the pipeline and latency runs: fp32, bf16 or fp16.")] = "fp32",
+    tiny: Annotated[bool, typer.Option("--tiny", help="Tiny model and 128x128 frames: a smoke run, not a measurement.")] = False,
+) -> None:
+    """Measure matmul, scorer (fp32, bf16), the daemon pipeline, latency and memory on this machine."""
+    from edge_agent.bench import BenchOptions, run_bench, summary, to_json
+
+    if device not in ("cpu", "cuda"):
+        raise DataError(f"--device {device!r} must be cpu or cuda")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise DataError(f"--precision {precision!r} must be fp32, bf16 or fp16")
+    result = run_bench(BenchOptions(model=model, device=device, frames=frames, latency_frames=latency_frames,
+                                    test_frames=test_frames, repeats=repeats, batch_size=batch_size,
+                                    threads=threads, precision=precision, tiny=tiny))
+    typer.echo(to_json(result) if json_out else summary(result))
+
+
 @app.command("check-config")
 def check_config(
     config: Annotated[Path, typer.Argument(help="Station config (TOML) to validate, with the model it names.")],

@@ -121,11 +121,16 @@ def optimise(module: torch.jit.ScriptModule, name: str, device: torch.device, ch
 
 def equal_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     """[start, end) ranges covering n in ceil(n / batch_size) batches of equal size (+-1), not one runt."""
-    if n == 0:
-        return []
     count = -(-n // batch_size)
-    size = -(-n // count)
-    return [(s, min(s + size, n)) for s in range(0, n, size)]
+    if count == 0:
+        return []
+    base, extra = divmod(n, count)
+    ranges, start = [], 0
+    for i in range(count):
+        end = start + base + (i < extra)
+        ranges.append((start, end))
+        start = end
+    return ranges
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,113 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edge_agent.bench import SEED, station_frame, vae_flops_per_patch
+from edge_agent.cli import app
+from edge_agent.images import list_images, read_image
+from edge_agent.scoring import Scorer, equal_batches, reduced_precision
+
+
+def test_bench_tiny_json(tmp_path):
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["bench", "--tiny", "--json", "--frames", "3", "--latency-frames", "2",
+                                      "--test-frames", "2", "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    for key in ("matmul_gflops", "scorer_gflops", "scorer_fraction_of_matmul", "bf16_speedup",
+                "bf16_max_rel_score_error", "bf16_verdicts_identical", "pipeline_frames_per_s",
+                "pipeline_efficiency", "latency_p50_s", "latency_p99_s", "rss_growth_mb", "device", "torch",
+                "threads", "load_average"):
+        assert key in r, key
+    assert set(r["scorer_patches_per_s"]) == {"fp32", "bf16"}
+    assert r["patches_per_frame"] == 49 and r["pipeline_frames"] == 3 and r["latency_frames"] == 2
+    assert r["bf16_max_rel_score_error"] < 1e-2
+    assert r["bf16_verdicts_identical"] is True
+
+
+def test_bench_rejects_bad_device():
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["bench", "--tiny", "--device", "tpu"])
+    assert result.exit_code != 0
+
+
+def test_seed_vae_flops_match_the_issue():
+    # 875 patches of a 640x480 frame at P=96, S=16: about 0.27 TFLOP per frame.
+    per_patch = vae_flops_per_patch(1, SEED["patch_size"], SEED["nc"], SEED["nz"])
+    conv = 48**2 * 32 * 1 * 16 + 4 * 18_874_368  # 1->32 at 48x48, then four layers of 18.9 M MACs
+    linear = 4608 * 200 + 100 * 4608
+    deconv = 4 * 18_874_368 + 48**2 * 32 * 2 * 16  # the mirror; the last gives mu_x and sigma_x
+    assert per_patch == 2 * (conv + linear + deconv)
+    assert 0.27e12 < per_patch * 875 < 0.275e12
+
+
+@pytest.mark.parametrize("n, batch, sizes", [
+    (0, 4, []),
+    (875, 512, [438, 437]),
+    (875, 875, [875]),
+    (10, 4, [4, 3, 3]),
+    (3, 8, [3]),
+])
+def test_equal_batches(n, batch, sizes):
+    ranges = equal_batches(n, batch)
+    assert [e - s for s, e in ranges] == sizes
+    assert all(b[0] == a[1] for a, b in zip(ranges, ranges[1:]))
+
+
+def _station_patches(scorer, station, n=4):
+    images = [read_image(f) for f in list_images(station / "test/defect")[:n]]
+    return torch.cat([scorer.patches(im)[1] for im in images])
+
+
+@pytest.mark.parametrize("family", ["vae_model", "ae_model"])
+def test_fast_path_scores_like_the_module(family, station, request):
+    model = request.getfixturevalue(family)
+    fast = Scorer(model, device="cpu", batch_size=7, warmup=False)
+    eager = Scorer(model, device="cpu", batch_size=7, warmup=False, fast=False, channels_last=False)
+    assert fast.fast is not None and eager.fast is None
+    x = _station_patches(fast, station)
+    np.testing.assert_allclose(fast.score_patches(x), eager.score_patches(x), rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_matches_fp32_on_a_trained_model(vae_model, station):
+    fp32 = Scorer(vae_model, device="cpu", precision="fp32", warmup=False)
+    bf16 = Scorer(vae_model, device="cpu", precision="bf16", warmup=False)
+    x = _station_patches(fp32, station)
+    a, b = fp32.score_patches(x).astype(np.float64), bf16.score_patches(x)
+    assert np.max(np.abs(b - a) / np.abs(a)) < 1e-2
+    # Same decisions at the card's threshold on every test image (the any-patch rule).
+    for f in list_images([station / "test/good", station / "test/defect"]):
+        image = read_image(f)
+        assert (fp32.score_image(image).scores.max() > fp32.threshold) == (
+            bf16.score_image(image).scores.max() > bf16.threshold)
+
+
+def test_bf16_policy_keeps_the_output_layer_float32(vae_model):
+    module = torch.jit.load(str(vae_model))
+    reduced_precision(module, torch.bfloat16)
+    dtypes = [(name, m.weight.dtype) for name, m in module.named_modules() if hasattr(m, "weight")]
+    assert dtypes[-1][1] == torch.float32
+    assert {d for _, d in dtypes[:-1]} == {torch.bfloat16}
+
+
+def test_station_frame_is_a_station_image():
+    frame = station_frame(1, "scratch", 640, 480)
+    assert frame.shape == (480, 640, 3) and frame.dtype == np.uint8
+    assert frame.std() > 10  # parts, not a flat frame
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_cuda_fast_path_matches_cpu(vae_model, station, precision):
+    cpu = Scorer(vae_model, device="cpu", warmup=False)
+    # batch 5 does not divide the patch count: the last CUDA-graph batch is padded.
+    gpu = Scorer(vae_model, device="cuda", precision=precision, batch_size=5)
+    assert gpu._cuda is not None
+    x = _station_patches(cpu, station, n=2)
+    tol = 1e-3 if precision == "fp32" else 1e-2
+    np.testing.assert_allclose(gpu.score_patches(x), cpu.score_patches(x), rtol=tol, atol=1e-5)
