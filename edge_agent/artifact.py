@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def verify(path: Path | str) -> dict[str, Any]:
     with zf:
         try:
             actual = _digest(zf, card)
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
             raise ModelError(f"{path} is corrupted ({e}); restore it or re-export it") from None
     if actual != card.get("checksum"):
         raise ModelError(
