@@ -25,7 +25,7 @@ from edge_agent.images import file_hashes, fingerprint, list_images, read_image
 from edge_agent.patches import MIN_PATCH_SIZE, to_tensor
 from edge_agent.progress import Progress
 from edge_agent.scoring import cpu_has_bf16, pick_device
-from edge_agent.train.nets import AE, VAE
+from edge_agent.train.nets import AE, VAE, fold_decoder_batchnorm
 
 logger = logging.getLogger(__name__)
 
@@ -172,9 +172,10 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
 
 def export(model: nn.Module, opts: TrainOptions, out: Path, frame_h: int, frame_w: int,
            training: dict[str, Any], thresholds: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Script the model (eval, CPU) and write it with its card: the one way an artifact is made."""
+    """Script the model (eval, CPU, decoder BatchNorms folded) and write it with its card: the one way
+    an artifact is made."""
     model.eval().cpu()
-    scripted = torch.jit.script(model)
+    scripted = torch.jit.script(fold_decoder_batchnorm(model))
     card = {
         "model_id": opts.name or out.stem,
         "family": opts.model,

@@ -5,7 +5,7 @@ more anomalous. The exported TorchScript keeps these methods: forward, score, sc
 """
 
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, Final, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,15 +29,22 @@ def encoder_sizes(patch_size: int) -> List[int]:
 
 
 class Layers(nn.Sequential):
-    """nn.Sequential whose layers with weights take their input in their own dtype.
+    """nn.Sequential whose first and last convolutions take their input in their own dtype.
 
-    So a module cast to bf16/fp16 takes float32 patches, and a mixed policy (scoring.py keeps the
-    output layer in float32) works; when all dtypes agree every cast is a no-op.
+    So a module cast to bf16/fp16 takes float32 patches, and the mixed policy of scoring.py (the
+    output layer in float32) works. No casts in between: they would stop freezing from folding a
+    conv with its BatchNorm and break oneDNN's chain of layers (casts are no-ops when dtypes agree).
     """
 
+    last: Final[int]
+
+    def __init__(self, *layers: nn.Module):
+        super().__init__(*layers)
+        self.last = len(layers) - 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self:
-            if hasattr(layer, "weight"):  # resolved statically per layer: conv, deconv, batch norm
+        for i, layer in enumerate(self):
+            if hasattr(layer, "stride") and (i == 0 or i == self.last):  # static per layer: Conv2d, ConvTranspose2d
                 x = layer(x.to(layer.weight.dtype))
             else:
                 x = layer(x)
@@ -232,3 +239,38 @@ class AE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(x, self.default_score)
+
+
+@torch.no_grad()
+def fold_decoder_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy whose decoder BatchNorms are folded into the layer before them.
+
+    torch.jit.freeze folds Conv2d + BatchNorm (the encoder) but not ConvTranspose2d + BatchNorm
+    nor Linear + BatchNorm2d (the decoder); folding them at export removes five BatchNorm passes
+    over the decoder's largest maps. Scores change only by float rounding.
+    """
+    import copy
+
+    model = copy.deepcopy(model).eval()
+    decoder = model.decoder
+    layers = list(decoder.deconv)
+    for i, (layer, bn) in enumerate(zip(layers, layers[1:])):
+        if not isinstance(bn, nn.BatchNorm2d) or not isinstance(layer, nn.ConvTranspose2d):
+            continue
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        fused = nn.ConvTranspose2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                                   layer.padding, output_padding=layer.output_padding, bias=True)
+        fused.weight.copy_(layer.weight * scale.view(1, -1, 1, 1))
+        bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+        fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+        layers[i], layers[i + 1] = fused, nn.Identity()
+    if isinstance(layers[0], nn.BatchNorm2d):  # right after the linear layer: fold into its rows
+        bn, fc = layers[0], decoder.fc
+        scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).repeat_interleave(decoder.s0**2)
+        shift = (bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).repeat_interleave(
+            decoder.s0**2)
+        fc.weight.mul_(scale[:, None])
+        fc.bias.mul_(scale).add_(shift)
+        layers[0] = nn.Identity()
+    decoder.deconv = Layers(*layers)
+    return model
