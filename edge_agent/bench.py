@@ -76,12 +76,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_gflops(device: torch.device, n: int | None = None, repeats: int = 3) -> float:
-    """Best-of fp32 n x n @ n x n: the machine's practical dense fp32 throughput (TF32 off on CUDA)."""
+def matmul_gflops(device: torch.device, n: int | None = None, repeats: int = 3,
+                  dtype: torch.dtype = torch.float32) -> float:
+    """Best-of n x n @ n x n: the machine's practical dense throughput (fp32: TF32 off on CUDA)."""
     n = n or (4096 if device.type == "cuda" else 2048)
     torch.backends.cuda.matmul.allow_tf32 = False
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -176,10 +177,12 @@ def run_bench(opts: BenchOptions, workdir: Path | None = None) -> dict[str, Any]
         bad = [station_frame(300_000 + i, "random", w, h) for i in range(half)]
         frames = good + bad
 
-        mm, t32, t16 = [], [], []
+        low_dtype = torch.bfloat16 if reduced == "bf16" else torch.float16
+        mm, mm16, t32, t16 = [], [], [], []
         s32 = s16 = []
-        for _ in range(opts.repeats):  # interleaved, so load changes hit all three alike
+        for _ in range(opts.repeats):  # interleaved, so load changes hit all of them alike
             mm.append(matmul_gflops(device, repeats=2))
+            mm16.append(matmul_gflops(device, repeats=2, dtype=low_dtype))
             s32, sec = _time_frames(fp32, frames)
             t32 += sec
             s16, sec = _time_frames(low, frames)
@@ -208,6 +211,8 @@ def run_bench(opts: BenchOptions, workdir: Path | None = None) -> dict[str, Any]
             "patches_per_frame": grid.count, "batch_size": opts.batch_size,
             "flops_per_patch": flops, "flops_per_frame": flops * grid.count if flops else None,
             "matmul_gflops": best, "matmul_gflops_runs": mm,
+            # The reduced-precision ceiling of this machine: bf16_speedup cannot beat this ratio.
+            f"matmul_{reduced}_gflops": max(mm16), f"matmul_{reduced}_over_fp32": max(mm16) / best,
             "scorer_patches_per_s": {"fp32": pps32, reduced: pps16},
             "scorer_frame_s": {"fp32": min(t32), reduced: min(t16),
                                "fp32_median": statistics.median(t32), f"{reduced}_median": statistics.median(t16)},
