@@ -135,8 +135,10 @@ that mean something.
   warning and keeps the eager path.
 - **Channels-last** input (and weights before freezing) lets oneDNN pick NHWC kernels for
   conv and deconv without reorders.
-- **Batch size**: equal batches (875 at 512 -> 438 + 437, not 512 + 363); 64 is clearly worse,
-  from 128 up the rows agree within noise, so the config default 512 stays.
+- **Batch size**: equal batches (875 at 512 -> 438 + 437, not 512 + 363). With the frozen
+  channels-last path the batch size matters little: the rows from 64 to 875 agree within about
+  10 % (noise at this load), so the config default 512 stays; in eager mode small batches
+  cost more (the explorations before the fast path: batch 32 ran at ~60 % of batch 256).
 - **Threads**: torch's default is the physical core count (2 here). On this machine, loaded
   well beyond its 2 cores by other users, one thread can match or beat two: a 2-thread team
   waits at every barrier for its preempted partner. On a station (an otherwise idle machine)
@@ -166,12 +168,14 @@ optimize_for_inference convert to and from oneDNN layout around every layer (~20
 ## bf16: the mixed policy and why
 
 This CPU has AVX512-BF16 but no AMX: a bf16 dot-product instruction does twice the
-multiply-adds of an fp32 FMA, so bf16 tops out near 2x fp32 (the bf16 matmul in this run:
+multiply-adds of an fp32 FMA, so bf16 tops out around 2x fp32 (the bf16 matmul in this run:
 x{b['matmul_bf16_over_fp32']:.2f}), not the ~8-16x AMX tiles give. x2.5 over an fp32 path that
 already runs at {pct(frac)} of the fp32 matmul is out of reach on this CPU; re-measure on an AMX
 machine (Sapphire Rapids or later), where `pick_dtype("auto")` already chooses bf16. The
 fp32 gains above (BN folding, the oneDNN chain) narrowed the bf16 ratio too: freezing builds
-the prepacked oneDNN chain for fp32 only, so bf16 runs plain aten convolutions.
+the prepacked oneDNN chain for fp32 only, so bf16 runs plain aten convolutions and reaches
+{pct(b['bf16_gflops'] / b['matmul_bf16_gflops'])} of the bf16 matmul where fp32 reaches {pct(frac)} of its own. Getting bf16 to
+the same share would give x{b['matmul_bf16_over_fp32']:.2f} (the matmul ratio) at best on this CPU, still short of x2.5.
 
 Two findings made the bf16 path correct (it failed outright before: a float32 latent into a
 bf16 decoder):
@@ -183,10 +187,15 @@ bf16 decoder):
    the logits of `mu_x` and `sigma_x`; casting the whole module to bf16 and the last layer back
    left its weights bf16-rounded (~0.08 % max error). `scoring.reduced_precision` casts every
    layer except the last; the last is ~1.5 % of the FLOPs.
-With both, the seed VAE's max relative error is {err:.1e}. Caveat: with random weights the
-decoder's output is dominated by its bias, which flatters the error; `tests/test_bench.py`
-checks bf16 against fp32 (< 1 %, same decisions) on a trained tiny model, where the error is
-larger but still far from changing verdicts. Artifacts exported before this change cannot run
+With both, the seed VAE's max relative error is {err:.1e}. **Caveat**: with random weights the
+decoder's output is dominated by its bias, which flatters the error. On the tiny *trained*
+model of the test suite (P=32, Nc=4, Nz=4, one epoch) the max relative error is 0.17 % per
+image (median image 0.11 %): above the 0.1 % goal, from the bf16 activations themselves (keeping
+only the output layer in fp32 brings it from 0.17 % only to 0.14 %). Verdicts on its test
+images stay identical (`tests/test_bench.py` asserts < 1 % and the same decisions). So the
+0.1 % goal is met for the seed VAE as the issue defines it, not shown for trained models: a
+station running bf16 should calibrate in bf16 (same scorer as in production), and a station
+whose threshold sits within ~0.5 % of its good parts' scores should stay on fp32. Artifacts exported before this change cannot run
 in bf16/fp16; the Scorer says so at load and names the fix (re-export, or precision fp32).
 
 ## Pipeline, latency, memory
@@ -210,9 +219,11 @@ Latency: single frames at two thirds of the scorer's rate (`source.fps`), measur
 to the scoring time is queue wake-up, patch extraction and the heatmap.
 
 Memory: RSS at each verdict of the throughput run (one daemon, one model):
-{b['rss_mb_per_frame']} MB. That is {b['rss_frames']} frames, not 10,000; the 10,000-frame soak lives in `benchmarks/soak.py` (branch
-`reliab`). The per-frame buffers are allocated per batch and freed, the patch grid and ignore
-mask are cached per frame size, and the CUDA runner reuses its pinned buffers.
+{b['rss_mb_per_frame']} MB. It moves by tens of MB as the batch buffers are allocated and
+freed and ends where it started; that is {b['rss_frames']} frames, not 10,000, so "flat over
+10,000 frames" is not shown here: the 10,000-frame soak is `benchmarks/soak.py` (branch
+`reliab`). The patch grid and ignore mask are cached per frame size, and the CUDA runner
+reuses its pinned buffers.
 
 ## GPU (not measured in this task)
 
@@ -225,7 +236,9 @@ No GPU was available for this work, so nothing in this section is measured. Impl
   falls back to plain stream execution;
 - scores come back with a non-blocking copy into pinned memory, one synchronisation per frame;
 - precision fp16 or bf16 (`model.precision`), with the same mixed policy (fp32 output layer,
-  fp32 patches); matmul reference with TF32 off.
+  fp32 patches). The matmul reference runs with TF32 off; cuDNN convolutions use TF32 by
+  torch's default, so an fp32 scorer "fraction of matmul" above 100 % on an Ampere+ GPU means
+  TF32, not a measuring error.
 
 To measure on a GPU machine:
 
