@@ -437,6 +437,11 @@ class MqttPublisher:
         if self._on_trigger is not None:
             try:
                 self._on_trigger(trigger)
+            except ValueError as e:
+                # The pipeline refusing a trigger (free-run mode, too many pending) is a PLC's
+                # mistake or a camera outage, not a bug: a counted rejection, no traceback.
+                self._reject("refused", f"trigger not accepted: {e}", raw)
+                return
             except Exception as e:
                 logger.exception("trigger handler failed for part_id=%s", trigger.part_id)
                 self._reject("handler", f"trigger not accepted: {e}", raw)
