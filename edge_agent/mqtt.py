@@ -465,7 +465,7 @@ class MqttPublisher:
             self._dropped_seen = now
         for kind, n in new.items():
             for _ in range(n):
-                self._metric("dropped", f"outbox_full_{kind}")
+                self._metric("dropped", f"{kind}_outbox_full")
 
     def _metric(self, hook: str, *args: Any) -> None:
         fn = getattr(self._metrics, hook, None) if self._metrics is not None else None

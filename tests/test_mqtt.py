@@ -451,7 +451,7 @@ def test_outbox_drops_are_counted_in_metrics(tmp_path):
     pub = MqttPublisher(MqttConfig(host="127.0.0.1", port=1), "st1", outbox, metrics=metrics)
     for seq in range(1, 4):  # not started: everything stays in the outbox
         pub.publish_verdict(sample_verdict(seq), heatmap_jpeg=b"h" * 1500)
-    assert metrics.calls.count(("dropped", "outbox_full_heatmap")) == 2
+    assert metrics.calls.count(("dropped", "heatmap_outbox_full")) == 2
     kept = [(m.kind, json.loads(m.properties["seq"])) for m in outbox.peek(10)]
     assert kept == [("verdict", 1), ("verdict", 2), ("verdict", 3), ("heatmap", 3)]
 
