@@ -345,6 +345,11 @@ class Capture:
         self._thread = threading.Thread(target=self._run, name=f"capture:{self.name}", daemon=True)
         self._thread.start()
 
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last frame handed on (0 before the first)."""
+        return self._seq
+
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the thread; True if it has ended."""
         if self._thread is not None:

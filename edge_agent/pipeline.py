@@ -148,17 +148,35 @@ class Pipeline:
                 if time.monotonic() > deadline:
                     break
         self._infer.join(max(0.1, deadline - time.monotonic()))
-        with self._trigger_cond:
-            pending = len(self._triggers)
-        if pending:
-            logger.warning("stopping with %d accepted triggers that saw no frame; the PLC gets no verdict for them",
-                           pending)
+        self._answer_pending_triggers()
         if self._infer.is_alive():
             logger.error("inference did not drain within %.0f s; %d frames not inspected", timeout_s,
                          self.queue.qsize())
             return False
         logger.info("drained: %d frames inspected", self.inspected)
         return True
+
+    def _answer_pending_triggers(self) -> None:
+        """An accepted trigger is a promise of a verdict: at shutdown, those that saw no frame get ERROR."""
+        with self._trigger_cond:
+            pending, self._triggers = list(self._triggers), deque()
+        if not pending:
+            return
+        logger.warning("stopping with %d accepted triggers that saw no frame; publishing ERROR verdicts for them",
+                       len(pending))
+        scorer = self.model.scorer
+        error = "the agent stopped before a frame was captured for this trigger; send the trigger again"
+        for i, trig in enumerate(pending, start=1):
+            # Capture has ended, so seqs after its last one are still unique within this boot.
+            frame = Frame(self.capture.last_seq + i, np.zeros((0, 0), np.uint8), captured_at=time.time(),
+                          source=self.source.describe(), trigger=trig)
+            verdict = self._verdict(frame, scorer, Decision(True, float("nan"), None, 0, 0, error), {}, False)
+            self.metrics.error("capture")
+            self.metrics.frame_result("ERROR")
+            if self.publisher is not None:
+                self.publisher.publish_verdict(verdict, None)
+            if self.on_verdict is not None:
+                self.on_verdict(verdict)
 
     def swap_model(self, model: Model) -> None:
         """Use another model from the next frame on; ModelError if it does not take these frames."""

@@ -220,6 +220,31 @@ def test_frames_without_a_trigger_are_not_inspected_in_triggered_mode():
     assert pipeline.queue.get_nowait().trigger.part_id == "P1"
 
 
+class DeadCamera(FakeSource):
+    """Delivers `n` frames, then every read fails: the camera is gone."""
+
+    def read(self):
+        if self.i >= self.n:
+            return None
+        return super().read()
+
+
+def test_a_trigger_still_pending_at_shutdown_gets_an_error_verdict():
+    pipeline, publisher, metrics = make_pipeline(source=DeadCamera(n=0, finite=False),
+                                                 inspection={"mode": "triggered"})
+    pipeline.start()
+    pipeline.trigger(Trigger("t1", "P1"))
+    pipeline.trigger(Trigger("t2", "P2"))
+    pipeline.stop.set()
+    assert pipeline.drain(5)
+    assert [(v["part_id"], v["result"]) for v in publisher.verdicts] == [("P1", "ERROR"), ("P2", "ERROR")]
+    for v in publisher.verdicts:
+        validate(v)
+        assert "stopped before a frame" in v["error"] and v["score"] is None
+    assert len({v["message_id"] for v in publisher.verdicts}) == 2
+    assert sample(metrics, "edge_agent_frames_total", result="ERROR") == 2
+
+
 def test_free_run_refuses_triggers_with_the_fix():
     pipeline, _, _ = make_pipeline()
     with pytest.raises(ValueError, match='mode = "triggered"'):
