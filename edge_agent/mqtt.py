@@ -76,6 +76,7 @@ class MqttMetrics(Protocol):
 
     def broker_connected(self, connected: bool) -> None: ...
     def outbox_depth(self, depth: int) -> None: ...
+    def outbox_bytes(self, n_bytes: int) -> None: ...
     def dropped(self, reason: str) -> None: ...
     def trigger_rejected(self, reason: str) -> None: ...
     def published(self, kind: str) -> None: ...
@@ -220,7 +221,7 @@ class MqttPublisher:
         self.client.loop_start()
         self._thread = threading.Thread(target=self._run, name="publish", daemon=True)
         self._thread.start()
-        self._metric("outbox_depth", self.outbox.depth())
+        self._outbox_gauges()
         logger.info("MQTT %s:%d (protocol %s) topics %s/%s/...; %d messages waiting in the outbox",
                     self.host, self.config.port, self.config.protocol, self.config.prefix, self.station,
                     self.outbox.depth())
@@ -264,7 +265,7 @@ class MqttPublisher:
             self._metric("dropped", "outbox_error")
             return
         self._count_outbox_drops()
-        self._metric("outbox_depth", self.outbox.depth())
+        self._outbox_gauges()
         self._wake.set()
 
     def _make_client(self) -> paho.Client:
@@ -420,7 +421,7 @@ class MqttPublisher:
                 except Exception:
                     logger.exception("on_delivered callback failed")
         self.outbox.ack(msg.id)
-        self._metric("outbox_depth", self.outbox.depth())
+        self._outbox_gauges()
         with self._lock:
             self._drained.notify_all()
 
@@ -466,6 +467,10 @@ class MqttPublisher:
         for kind, n in new.items():
             for _ in range(n):
                 self._metric("dropped", f"{kind}_outbox_full")
+
+    def _outbox_gauges(self) -> None:
+        self._metric("outbox_depth", self.outbox.depth())
+        self._metric("outbox_bytes", self.outbox.bytes())
 
     def _metric(self, hook: str, *args: Any) -> None:
         fn = getattr(self._metrics, hook, None) if self._metrics is not None else None
