@@ -183,15 +183,19 @@ def test_score_at_the_threshold_is_ok():
     assert pipeline.inspect(frame(1))["result"] == "OK"
 
 
-def test_wrong_size_frame_is_rejected_counted_and_never_scored():
+def test_wrong_size_frame_is_counted_never_scored_and_gets_an_error_verdict():
     calls = []
-    pipeline, _, metrics = make_pipeline(FakeScorer(lambda x: calls.append(1) or np.zeros(len(x), np.float32)),
-                                         source=FakeSource(finite=False))
+    pipeline, publisher, metrics = make_pipeline(
+        FakeScorer(lambda x: calls.append(1) or np.zeros(len(x), np.float32)), source=FakeSource(finite=False))
     pipeline._on_frame(frame(1, shape=(H, W + 8, 3)))
     pipeline._on_frame(frame(2, shape=(H, W)))  # grey frames fit a grey model
-    assert pipeline.queue.qsize() == 1 and pipeline.queue.get_nowait().seq == 2
+    first, second = (pipeline.inspect(pipeline.queue.get_nowait()) for _ in range(2))
+    assert (first["seq"], first["result"], second["seq"], second["result"]) == (1, "ERROR", 2, "OK")
+    assert "72x64x3" in first["error"] and first["score"] is None
+    validate(first)
     assert sample(metrics, "edge_agent_dropped_total", reason="wrong_size") == 1
-    assert not calls
+    assert sample(metrics, "edge_agent_frames_total", result="ERROR") == 1
+    assert len(calls) == 1, "only the frame that fits is scored"
 
 
 def test_triggers_pair_with_the_next_frames_in_order():
