@@ -126,6 +126,7 @@ class Outbox:
                     self._count_drop(kind, f"less than {MIN_FREE_BYTES} bytes free on the outbox's disk")
                     return None
                 self._drop_oldest(EXPENDABLE_KIND)  # its pages are reused by this insert
+                self._shrink_wal()
             try:
                 cur = self._db.execute(
                     "INSERT INTO messages (kind, topic, payload, qos, retain, properties, created_at, size)"
@@ -185,6 +186,14 @@ class Outbox:
             if not self._closed:
                 self._closed = True
                 self._db.close()
+
+    def _shrink_wal(self) -> None:
+        # The WAL grows with every write until a checkpoint; on a nearly full disk, give its space
+        # back so that it goes to verdicts.
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.OperationalError as e:
+            logger.debug("outbox checkpoint on a full disk failed: %s", e)
 
     def _disk_low(self, size: int) -> bool:
         try:
