@@ -439,9 +439,11 @@ class Pipeline:
     def _retain(self, frame: Frame, verdict: dict[str, Any]) -> None:
         if self.retention is None or not self.retention.wants(verdict["result"]):
             return
+        if frame.image.size == 0:
+            return  # an unreadable frame: there is no image to keep
         try:
             self.retention.save(frame.image, verdict)
-        except OSError as e:
+        except (OSError, cv2.error) as e:
             self.metrics.error("retention")
             self._log_error("retention: frame %d not saved: %s", frame.seq, e)
 

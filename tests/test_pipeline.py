@@ -272,3 +272,13 @@ def test_retention_keeps_ng_and_stays_under_its_bound(tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert len(names) == 2 and names[0].endswith("00000003_NG.json"), "only the newest frame is kept"
     assert json.loads((tmp_path / names[0]).read_text())["seq"] == 3
+
+
+def test_an_unreadable_frame_gets_an_error_verdict_even_with_retention_on(tmp_path):
+    pipeline, publisher, _ = make_pipeline()
+    pipeline.retention = Retention(RetentionConfig(enabled=True, dir=tmp_path))
+    unreadable = Frame(1, np.zeros((0, 0), np.uint8), captured_at=1.0, error="unreadable frame: x.png")
+    verdict = pipeline.inspect(unreadable)
+    assert (verdict["result"], verdict["error"]) == ("ERROR", "unreadable frame: x.png")
+    assert publisher.verdicts[0]["seq"] == 1 and not list(tmp_path.iterdir())
+    validate(verdict)
