@@ -66,6 +66,8 @@ def train(
     refine_steps: Annotated[int, typer.Option(help="anogan: search steps from the encoder's z (k).")] = 10,
     search_lr: Annotated[float, typer.Option(help="anogan: Adam learning rate of the latent search.")] = 0.05,
     latent_search: Annotated[str, typer.Option(help="anogan default score: encoder, encoder+refine or random.")] = "encoder+refine",
+    threshold_images: Annotated[Optional[int], typer.Option(help="Set the max-train threshold from only this many "
+                                                                  "training images (evenly spaced); default: all.")] = None,
 ) -> None:
     """Train a model on good images and export one self-describing TorchScript file.
 
@@ -89,7 +91,7 @@ def train(
                         weight_decay=weight_decay, seed=seed, device=device, precision=precision, name=name,
                         progress=not quiet, nh=nh, components=components, reg_covar=reg_covar,
                         crops_per_image=crops_per_image, gamma_steps=gamma_steps, lam=lam, refine_steps=refine_steps,
-                        search_lr=search_lr, latent_search=latent_search)
+                        search_lr=search_lr, latent_search=latent_search, threshold_images=threshold_images)
     card = fit(data_dir, out, opts)
     t = card["training"]
     th = card["thresholds"][card["scores"]["default"]]

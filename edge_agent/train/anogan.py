@@ -107,6 +107,10 @@ class AnoGAN(nn.Module):
         z = z0.detach().float()
         if steps <= 0:
             return z
+        # A fresh tensor is an inference tensor only under inference_mode (zeros_like: not constant-folded).
+        if torch.zeros_like(z).is_inference():
+            raise RuntimeError("AnoGAN latent search needs autograd: call it under torch.no_grad(), "
+                               "not torch.inference_mode() (the card says scores.needs_grad)")
         was_enabled = torch.is_grad_enabled()
         torch.set_grad_enabled(False)
         fx = self.discriminator.features(x)

@@ -63,6 +63,7 @@ class TrainOptions:
     refine_steps: int = 10
     search_lr: float = 0.05
     latent_search: str = "encoder+refine"
+    threshold_images: int | None = None  # score only this many training images (evenly spaced) for the threshold
     extra_card: dict[str, Any] = field(default_factory=dict)
 
 
@@ -192,6 +193,9 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
         **opts.extra_card,
     }
     artifact.save(scripted, card, out)
+    if opts.threshold_images and opts.threshold_images < len(files):
+        # AnoGAN's 100-step search costs minutes per image on a CPU; an evenly spaced subset keeps it affordable.
+        files = [files[round(i * len(files) / opts.threshold_images)] for i in range(opts.threshold_images)]
     return set_training_thresholds(out, files, progress=opts.progress)
 
 
