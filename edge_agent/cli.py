@@ -86,6 +86,8 @@ def train(
     if min(nh, components, crops_per_image) < 1 or min(gamma_steps, refine_steps) < 0 or not 0 <= lam <= 1:
         raise DataError("--nh, --components, --crops-per-image must be >= 1, --gamma-steps and --refine-steps >= 0, "
                         "--lambda in [0, 1]")
+    if threshold_images is not None and threshold_images < 1:
+        raise DataError(f"--threshold-images {threshold_images} must be >= 1 (leave it out to use every training image)")
     opts = TrainOptions(model=model, patch_size=patch_size, stride=stride, channels=channels, nc=nc, nz=nz,
                         batch_size=batch_size, epochs=epochs, max_minutes=max_minutes, lr=lr,
                         weight_decay=weight_decay, seed=seed, device=device, precision=precision, name=name,
