@@ -98,6 +98,13 @@ class Scorer:
                 raise ModelError(f"{self.path} has no threshold for score {self.score_name!r}; run `edge-agent calibrate`")
             threshold = float(entry["value"])
         self.threshold = float(threshold)
+        if card["scores"].get("precision") == "fp32" and self.dtype != torch.float32:
+            logger.info("model %s scores in fp32 only (card scores.precision); ignoring precision %s", self.path.name,
+                        precision)
+            self.dtype = torch.float32
+        # Families that search a latent by gradient descent at score time (AnoGAN) need autograd inside the
+        # model, which inference_mode forbids; no_grad still keeps every other graph off.
+        self.needs_grad = bool(card["scores"].get("needs_grad", False))
         if self.dtype != torch.float32:
             module = module.to(self.dtype)
         self.module = module
@@ -143,24 +150,27 @@ class Scorer:
             self.score_patches(x)
         return time.perf_counter() - t0
 
-    @torch.inference_mode()
+    def _grad_mode(self):
+        return torch.no_grad() if self.needs_grad else torch.inference_mode()
+
     def score_patches(self, patches: torch.Tensor, name: str | None = None) -> np.ndarray:
         """(N, C, P, P) float32 in [0, 1] -> (N,) float32, in batches of batch_size."""
         name = name or self.score_name
         out = []
-        for start in range(0, patches.shape[0], self.batch_size):
-            x = patches[start : start + self.batch_size].to(self.device, self.dtype, non_blocking=True)
-            out.append(self.module.score(x, name).float().cpu())
+        with self._grad_mode():
+            for start in range(0, patches.shape[0], self.batch_size):
+                x = patches[start : start + self.batch_size].to(self.device, self.dtype, non_blocking=True)
+                out.append(self.module.score(x, name).float().cpu())
         return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
-    @torch.inference_mode()
     def score_patches_all(self, patches: torch.Tensor) -> dict[str, np.ndarray]:
         """Every score of the model at once: name -> (N,) float32."""
         parts: dict[str, list[torch.Tensor]] = {}
-        for start in range(0, patches.shape[0], self.batch_size):
-            x = patches[start : start + self.batch_size].to(self.device, self.dtype, non_blocking=True)
-            for k, v in self.module.scores(x).items():
-                parts.setdefault(k, []).append(v.float().cpu())
+        with self._grad_mode():
+            for start in range(0, patches.shape[0], self.batch_size):
+                x = patches[start : start + self.batch_size].to(self.device, self.dtype, non_blocking=True)
+                for k, v in self.module.scores(x).items():
+                    parts.setdefault(k, []).append(v.float().cpu())
         return {k: torch.cat(v).numpy() for k, v in parts.items()}
 
     def patches(self, image: np.ndarray) -> tuple[PatchGrid, torch.Tensor]:
