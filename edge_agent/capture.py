@@ -345,6 +345,11 @@ class Capture:
         self._thread = threading.Thread(target=self._run, name=f"capture:{self.name}", daemon=True)
         self._thread.start()
 
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last frame handed on (0 before the first)."""
+        return self._seq
+
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the thread; True if it has ended."""
         if self._thread is not None:
@@ -404,7 +409,11 @@ class Capture:
                     self.on_end()
                 return "end"
             except BadFrame as e:
-                self._reject("bad_frame", str(e), "skipping an unreadable frame: %s", e)
+                # Counted, and still handed on: a part was there, so it gets an ERROR verdict, never silence.
+                self._reject("bad_frame", str(e), "unreadable frame: %s", e)
+                self._seq += 1
+                self.on_frame(Frame(self._seq, np.zeros((0, 0), np.uint8), captured_at=time.time(),
+                                    source=self.source.describe(), error=f"unreadable frame: {e}"))
                 continue
             except CameraError as e:
                 self._set_down(str(e))

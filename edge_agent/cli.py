@@ -41,7 +41,7 @@ def _box(box) -> dict | None:
 def train(
     data_dir: Annotated[Path, typer.Argument(help="Folder of good images (png/jpg/bmp/tif).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model file to write (.pt).")],
-    model: Annotated[str, typer.Option(help="Model family: vae or ae.")] = "vae",
+    model: Annotated[str, typer.Option(help="Model family: vae, ae, gmm (PCA + Gaussian mixture) or anogan.")] = "vae",
     patch_size: Annotated[int, typer.Option(help="Patch size P (>= 16; the seed used 96).")] = 32,
     stride: Annotated[int, typer.Option(help="Patch stride S when scoring (the seed used 16).")] = 8,
     channels: Annotated[int, typer.Option(help="1 = grayscale, 3 = BGR colour.")] = 1,
@@ -57,8 +57,22 @@ def train(
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast where the hardware has it), fp32 or bf16.")] = "auto",
     name: Annotated[Optional[str], typer.Option(help="Model id in the card; default: the file name.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    nh: Annotated[int, typer.Option(help="gmm: PCA dimensions Nh (seed: 2..500).")] = 32,
+    components: Annotated[int, typer.Option(help="gmm: mixture components Nz (seed: 2..100).")] = 8,
+    reg_covar: Annotated[float, typer.Option(help="gmm: added to every covariance diagonal (recorded in the card).")] = 1e-4,
+    crops_per_image: Annotated[int, typer.Option(help="gmm: random crops per training image (seed: 100).")] = 100,
+    gamma_steps: Annotated[int, typer.Option(help="anogan: latent search steps from a random z (Gamma).")] = 100,
+    lam: Annotated[float, typer.Option("--lambda", help="anogan: weight of the discrimination loss (lambda).")] = 0.1,
+    refine_steps: Annotated[int, typer.Option(help="anogan: search steps from the encoder's z (k).")] = 10,
+    search_lr: Annotated[float, typer.Option(help="anogan: Adam learning rate of the latent search.")] = 0.05,
+    latent_search: Annotated[str, typer.Option(help="anogan default score: encoder, encoder+refine or random.")] = "encoder+refine",
+    threshold_images: Annotated[Optional[int], typer.Option(help="Set the max-train threshold from only this many "
+                                                                  "training images (evenly spaced); default: all.")] = None,
 ) -> None:
-    """Train a model on good images and export one self-describing TorchScript file."""
+    """Train a model on good images and export one self-describing TorchScript file.
+
+    anogan trains the DCGAN with Adam(2e-4, betas (0.5, 0.999)) and then the encoder with --lr.
+    """
     from edge_agent.train.fit import FAMILIES, TrainOptions, fit
 
     if model not in FAMILIES:
@@ -67,10 +81,19 @@ def train(
         raise DataError(f"--channels {channels} must be 1 (gray) or 3 (BGR)")
     if precision not in ("auto", "fp32", "bf16"):
         raise DataError(f"--precision {precision!r} must be auto, fp32 or bf16")
+    if latent_search not in ("encoder", "encoder+refine", "random"):
+        raise DataError(f"--latent-search {latent_search!r} must be encoder, encoder+refine or random")
+    if min(nh, components, crops_per_image) < 1 or min(gamma_steps, refine_steps) < 0 or not 0 <= lam <= 1:
+        raise DataError("--nh, --components, --crops-per-image must be >= 1, --gamma-steps and --refine-steps >= 0, "
+                        "--lambda in [0, 1]")
+    if threshold_images is not None and threshold_images < 1:
+        raise DataError(f"--threshold-images {threshold_images} must be >= 1 (leave it out to use every training image)")
     opts = TrainOptions(model=model, patch_size=patch_size, stride=stride, channels=channels, nc=nc, nz=nz,
                         batch_size=batch_size, epochs=epochs, max_minutes=max_minutes, lr=lr,
                         weight_decay=weight_decay, seed=seed, device=device, precision=precision, name=name,
-                        progress=not quiet)
+                        progress=not quiet, nh=nh, components=components, reg_covar=reg_covar,
+                        crops_per_image=crops_per_image, gamma_steps=gamma_steps, lam=lam, refine_steps=refine_steps,
+                        search_lr=search_lr, latent_search=latent_search, threshold_images=threshold_images)
     card = fit(data_dir, out, opts)
     t = card["training"]
     th = card["thresholds"][card["scores"]["default"]]

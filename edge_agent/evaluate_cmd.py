@@ -35,15 +35,21 @@ def run_evaluation(models: list[Path], good: Path, defect: Path, masks: Path | N
                            "good_dir": str(good), "defect_dir": str(defect), "models": []}
     curves: dict[str, dict[str, Any]] = {}
     rows = []
-    for model in models:
-        scorer = Scorer(model, device=device, warmup=True)
+    scorers = [Scorer(model, device=device, warmup=True) for model in models]
+    # With several models, --score picks among all of their scores: each model gives the ones it has.
+    known = {n for s in scorers for n in s.card["scores"]["names"]}
+    for n in score_names or []:
+        if n not in known:
+            raise DataError(f"--score {n!r} is not a score of {', '.join(map(str, models))}; "
+                            f"choose from: {', '.join(sorted(known))}")
+    for model, scorer in zip(models, scorers):
         card = scorer.card
         if not allow_overlap:
             check_not_trained_on(card, files, model)
-        names = score_names or card["scores"]["names"]
-        unknown = [n for n in names if n not in card["scores"]["names"]]
-        if unknown:
-            raise DataError(f"--score {unknown[0]!r} is not a score of {model}; choose from: {', '.join(card['scores']['names'])}")
+        names = [n for n in score_names or card["scores"]["names"] if n in card["scores"]["names"]]
+        if not names:
+            raise DataError(f"none of --score {', '.join(score_names or [])} is a score of {model}; "
+                            f"it has: {', '.join(card['scores']['names'])}")
         run = ScoringRun()
         results = score_files(scorer, files, names, ignore_mask=scorer.ignore_mask, progress=progress,
                               label=f"evaluate {model.name}", run=run)

@@ -32,3 +32,4 @@ class Frame:
     source: str = ""
     trigger: Trigger | None = None
     stage_s: dict[str, float] = field(default_factory=dict)  # per-stage latency so far
+    error: str | None = None  # why this frame cannot be judged (unreadable, wrong size): an ERROR verdict

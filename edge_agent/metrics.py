@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("capture", "preprocess", "inference", "decision", "encode", "publish")
 RESULTS = ("OK", "NG", "ERROR")
-DROP_REASONS = ("queue_full", "wrong_size", "bad_frame", "heatmap_outbox_full", "verdict_outbox_full")
+DROP_REASONS = ("queue_full", "wrong_size", "bad_frame", "heatmap_outbox_full", "verdict_outbox_full", "outbox_error")
 # 1 ms .. 10 s in 1-2-5 steps: a CPU patch pass takes tens of ms, a broker round trip can take seconds.
 SECONDS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 # Image-score buckets as fractions of the threshold: dense around 1.0 so drift toward it shows

@@ -76,6 +76,7 @@ class MqttMetrics(Protocol):
 
     def broker_connected(self, connected: bool) -> None: ...
     def outbox_depth(self, depth: int) -> None: ...
+    def outbox_bytes(self, n_bytes: int) -> None: ...
     def dropped(self, reason: str) -> None: ...
     def trigger_rejected(self, reason: str) -> None: ...
     def published(self, kind: str) -> None: ...
@@ -220,7 +221,7 @@ class MqttPublisher:
         self.client.loop_start()
         self._thread = threading.Thread(target=self._run, name="publish", daemon=True)
         self._thread.start()
-        self._metric("outbox_depth", self.outbox.depth())
+        self._outbox_gauges()
         logger.info("MQTT %s:%d (protocol %s) topics %s/%s/...; %d messages waiting in the outbox",
                     self.host, self.config.port, self.config.protocol, self.config.prefix, self.station,
                     self.outbox.depth())
@@ -264,7 +265,7 @@ class MqttPublisher:
             self._metric("dropped", "outbox_error")
             return
         self._count_outbox_drops()
-        self._metric("outbox_depth", self.outbox.depth())
+        self._outbox_gauges()
         self._wake.set()
 
     def _make_client(self) -> paho.Client:
@@ -420,7 +421,7 @@ class MqttPublisher:
                 except Exception:
                     logger.exception("on_delivered callback failed")
         self.outbox.ack(msg.id)
-        self._metric("outbox_depth", self.outbox.depth())
+        self._outbox_gauges()
         with self._lock:
             self._drained.notify_all()
 
@@ -437,6 +438,11 @@ class MqttPublisher:
         if self._on_trigger is not None:
             try:
                 self._on_trigger(trigger)
+            except ValueError as e:
+                # The pipeline refusing a trigger (free-run mode, too many pending) is a PLC's
+                # mistake or a camera outage, not a bug: a counted rejection, no traceback.
+                self._reject("refused", f"trigger not accepted: {e}", raw)
+                return
             except Exception as e:
                 logger.exception("trigger handler failed for part_id=%s", trigger.part_id)
                 self._reject("handler", f"trigger not accepted: {e}", raw)
@@ -460,7 +466,11 @@ class MqttPublisher:
             self._dropped_seen = now
         for kind, n in new.items():
             for _ in range(n):
-                self._metric("dropped", f"outbox_full_{kind}")
+                self._metric("dropped", f"{kind}_outbox_full")
+
+    def _outbox_gauges(self) -> None:
+        self._metric("outbox_depth", self.outbox.depth())
+        self._metric("outbox_bytes", self.outbox.bytes())
 
     def _metric(self, hook: str, *args: Any) -> None:
         fn = getattr(self._metrics, hook, None) if self._metrics is not None else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import shutil
 import sqlite3
 import threading
 import time
@@ -20,6 +21,11 @@ logger = logging.getLogger(__name__)
 # Per-row bookkeeping (id, kind, qos, timestamps, sqlite page overhead) counted against max_bytes,
 # so a flood of tiny messages is bounded too.
 ROW_OVERHEAD_BYTES = 64
+
+# Below this much free space on the outbox's file system, heatmaps are refused (and old ones
+# dropped to make room) so that what is left goes to verdicts: sqlite needs a few pages of WAL
+# per insert, and a disk that is really full refuses every write.
+MIN_FREE_BYTES = 1024 * 1024
 
 # The only kind that may be dropped to make room: a heatmap is an illustration of a verdict,
 # the verdict is the record the line acts on.
@@ -115,11 +121,23 @@ class Outbox:
                         self._count_drop(kind, "outbox full of verdicts")
                         return None
                     self._drop_oldest(None)
-            cur = self._db.execute(
-                "INSERT INTO messages (kind, topic, payload, qos, retain, properties, created_at, size)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, topic, payload, qos, int(retain), props, time.time(), size),
-            )
+            if self._disk_low(size):
+                if kind == EXPENDABLE_KIND:
+                    self._count_drop(kind, f"less than {MIN_FREE_BYTES} bytes free on the outbox's disk")
+                    return None
+                self._drop_oldest(EXPENDABLE_KIND)  # its pages are reused by this insert
+                self._shrink_wal()
+            try:
+                cur = self._db.execute(
+                    "INSERT INTO messages (kind, topic, payload, qos, retain, properties, created_at, size)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (kind, topic, payload, qos, int(retain), props, time.time(), size),
+                )
+            except sqlite3.OperationalError as e:
+                if "full" not in str(e):
+                    raise
+                self._count_drop(kind, f"the outbox's disk is full ({e})")
+                return None
             self._depth += 1
             self._bytes += size
             return int(cur.lastrowid)
@@ -169,6 +187,20 @@ class Outbox:
                 self._closed = True
                 self._db.close()
 
+    def _shrink_wal(self) -> None:
+        # The WAL grows with every write until a checkpoint; on a nearly full disk, give its space
+        # back so that it goes to verdicts.
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.OperationalError as e:
+            logger.debug("outbox checkpoint on a full disk failed: %s", e)
+
+    def _disk_low(self, size: int) -> bool:
+        try:
+            return shutil.disk_usage(self.dir).free - size < MIN_FREE_BYTES
+        except OSError:
+            return False  # cannot tell; the insert itself will say if the disk is full
+
     def _drop_oldest(self, kind: str | None) -> bool:
         if kind is None:
             row = self._db.execute("SELECT id, kind, size FROM messages ORDER BY id LIMIT 1").fetchone()
@@ -187,7 +219,9 @@ class Outbox:
     def _count_drop(self, kind: str, why: str) -> None:
         self._dropped[kind] += 1
         if kind == EXPENDABLE_KIND:
-            logger.debug("dropped a %s: %s", kind, why)
+            # The first heatmap drop is the early alarm: verdicts are next if nothing changes.
+            level = logging.WARNING if self._dropped[kind] == 1 else logging.DEBUG
+            logger.log(level, "dropped a %s to keep room for verdicts: %s", kind, why)
         else:
             logger.error(
                 "dropped a %s: %s (max %d bytes); the broker has been unreachable too long or outbox.max_mb is too small",

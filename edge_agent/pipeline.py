@@ -39,6 +39,10 @@ MAX_PENDING_TRIGGERS = 64
 _END = object()  # queued after the last frame: the infer thread drains up to it, then ends
 
 
+class _Unjudgeable(Exception):
+    """A frame that arrived unreadable or of the wrong size (already counted where it was found)."""
+
+
 class Publisher(Protocol):
     """Where verdicts go (mqtt.MqttPublisher); publish_verdict must not block on the network."""
 
@@ -148,17 +152,35 @@ class Pipeline:
                 if time.monotonic() > deadline:
                     break
         self._infer.join(max(0.1, deadline - time.monotonic()))
-        with self._trigger_cond:
-            pending = len(self._triggers)
-        if pending:
-            logger.warning("stopping with %d accepted triggers that saw no frame; the PLC gets no verdict for them",
-                           pending)
+        self._answer_pending_triggers()
         if self._infer.is_alive():
             logger.error("inference did not drain within %.0f s; %d frames not inspected", timeout_s,
                          self.queue.qsize())
             return False
         logger.info("drained: %d frames inspected", self.inspected)
         return True
+
+    def _answer_pending_triggers(self) -> None:
+        """An accepted trigger is a promise of a verdict: at shutdown, those that saw no frame get ERROR."""
+        with self._trigger_cond:
+            pending, self._triggers = list(self._triggers), deque()
+        if not pending:
+            return
+        logger.warning("stopping with %d accepted triggers that saw no frame; publishing ERROR verdicts for them",
+                       len(pending))
+        scorer = self.model.scorer
+        error = "the agent stopped before a frame was captured for this trigger; send the trigger again"
+        for i, trig in enumerate(pending, start=1):
+            # Capture has ended, so seqs after its last one are still unique within this boot.
+            frame = Frame(self.capture.last_seq + i, np.zeros((0, 0), np.uint8), captured_at=time.time(),
+                          source=self.source.describe(), trigger=trig)
+            verdict = self._verdict(frame, scorer, Decision(True, float("nan"), None, 0, 0, error), {}, False)
+            self.metrics.error("capture")
+            self.metrics.frame_result("ERROR")
+            if self.publisher is not None:
+                self.publisher.publish_verdict(verdict, None)
+            if self.on_verdict is not None:
+                self.on_verdict(verdict)
 
     def swap_model(self, model: Model) -> None:
         """Use another model from the next frame on; ModelError if it does not take these frames."""
@@ -206,8 +228,10 @@ class Pipeline:
     # Capture thread
 
     def _on_frame(self, frame: Frame) -> None:
-        if not self._fits(frame.image):
-            return
+        if frame.error is None:
+            misfit = self._misfit(frame.image)
+            if misfit is not None:
+                frame = dataclasses.replace(frame, error=misfit)
         back_pressure = self.capture.pace == "consumer"
         if self.triggered:
             trigger = self._take_trigger(wait=back_pressure)
@@ -234,8 +258,8 @@ class Pipeline:
             logger.info("%d frames taken (--frames); stopping", self.accepted)
             self.stop.set()
 
-    def _fits(self, image: np.ndarray) -> bool:
-        """The frame has the model's size and usable channels; otherwise rejected and counted."""
+    def _misfit(self, image: np.ndarray) -> str | None:
+        """None when the frame has the model's size and usable channels; else why not (counted, logged)."""
         want_h, want_w, want_c = expected_frame(self.model.scorer)
         h, w = image.shape[:2]
         c = 1 if image.ndim == 2 else image.shape[2]
@@ -249,7 +273,7 @@ class Pipeline:
         if ok:
             if first:
                 logger.info("first frame %dx%dx%d fits the model (%sx%sx%d)", w, h, c, want_w, want_h, want_c)
-            return True
+            return None
         self.metrics.frame_rejected("wrong_size")
         key = (h, w, c, image.dtype.str)
         if key not in self._warned_shapes:
@@ -258,7 +282,8 @@ class Pipeline:
                        "rejecting %dx%dx%d %s frames from %s: model %s takes %sx%sx%d uint8; set source.width/height "
                        "or use a model trained on these frames", w, h, c, image.dtype, self.source.describe(),
                        self.model.scorer.model_id, want_w, want_h, want_c)
-        return False
+        return (f"frame {w}x{h}x{c} {image.dtype} does not fit model {self.model.scorer.model_id} "
+                f"({want_w}x{want_h}x{want_c} uint8); set source.width/height")
 
     def _take_trigger(self, wait: bool) -> Trigger | None:
         with self._trigger_cond:
@@ -319,6 +344,8 @@ class Pipeline:
         scores: np.ndarray | None = None
         t = time.perf_counter()
         try:
+            if frame.error is not None:
+                raise _Unjudgeable(frame.error)
             grid, patches = scorer.patches(frame.image)
             now = time.perf_counter()
             stage_s["preprocess"], t = now - t, now
@@ -326,6 +353,8 @@ class Pipeline:
             now = time.perf_counter()
             stage_s["inference"], t = now - t, now
             self.metrics.patches_scored(len(scores))
+        except _Unjudgeable as e:
+            decision = Decision(True, float("nan"), None, 0, 0, str(e))
         except Exception as e:
             self.metrics.error("inference")
             error = f"scoring failed: {type(e).__name__}: {e}"
@@ -410,9 +439,11 @@ class Pipeline:
     def _retain(self, frame: Frame, verdict: dict[str, Any]) -> None:
         if self.retention is None or not self.retention.wants(verdict["result"]):
             return
+        if frame.image.size == 0:
+            return  # an unreadable frame: there is no image to keep
         try:
             self.retention.save(frame.image, verdict)
-        except OSError as e:
+        except (OSError, cv2.error) as e:
             self.metrics.error("retention")
             self._log_error("retention: frame %d not saved: %s", frame.seq, e)
 

@@ -165,6 +165,13 @@ class Scorer:
                 raise ModelError(f"{self.path} has no threshold for score {self.score_name!r}; run `edge-agent calibrate`")
             threshold = float(entry["value"])
         self.threshold = float(threshold)
+        if card["scores"].get("precision") == "fp32" and self.dtype != torch.float32:
+            logger.info("model %s scores in fp32 only (card scores.precision); ignoring precision %s", self.path.name,
+                        precision)
+            self.dtype = torch.float32
+        # Families that search a latent by gradient descent at score time (AnoGAN) need autograd inside the
+        # model, which inference_mode forbids; no_grad still keeps every other graph off.
+        self.needs_grad = bool(card["scores"].get("needs_grad", False))
         if self.dtype != torch.float32:
             module = reduced_precision(module, self.dtype)
         self.module = module
@@ -181,7 +188,7 @@ class Scorer:
         self._counted: dict[tuple[int, int], np.ndarray | None] = {}
         if self.dtype != torch.float32:
             self._probe_reduced()
-        if fast:
+        if fast and not self.needs_grad:  # a latent search by autograd (AnoGAN) is not frozen
             self._use_fast_path(cuda_graphs)
         if warmup:
             self.warm_up()
@@ -234,7 +241,9 @@ class Scorer:
                            self.path.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             return
         tol = 1e-3 if self.dtype == torch.float32 else 2e-2
-        if not torch.allclose(got, want, rtol=tol, atol=tol * float(want.abs().max().clamp(min=1.0))):
+        finite = want[torch.isfinite(want)]  # a broken model's NaN scores are for the verdict to report, not here
+        scale = float(finite.abs().max().clamp(min=1.0)) if finite.numel() else 1.0
+        if not torch.allclose(got, want, rtol=tol, atol=tol * scale, equal_nan=True):
             logger.warning("model %s: the frozen score differs from the module's (max %.3g vs %.3g); not using it",
                            self.path.name, float((got - want).abs().max()), float(want.abs().max()))
             return
@@ -259,7 +268,9 @@ class Scorer:
             self.score_patches(x)
         return time.perf_counter() - t0
 
-    @torch.inference_mode()
+    def _grad_mode(self):
+        return torch.no_grad() if self.needs_grad else torch.inference_mode()
+
     def score_patches(self, patches: torch.Tensor, name: str | None = None) -> np.ndarray:
         """(N, C, P, P) float32 in [0, 1] -> (N,) float32, in batches of batch_size."""
         name = name or self.score_name
@@ -271,19 +282,21 @@ class Scorer:
             def run(x: torch.Tensor) -> torch.Tensor:
                 return self.module.score(x, name)
         out = []
-        for start, end in equal_batches(patches.shape[0], self.batch_size):
-            x = self._layout(patches[start:end].to(self.device, non_blocking=True))
-            out.append(run(x).float().cpu())
+        with self._grad_mode():
+            for start, end in equal_batches(patches.shape[0], self.batch_size):
+                x = self._layout(patches[start:end].to(self.device, non_blocking=True))
+                out.append(run(x).float().cpu())
         return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
-    @torch.inference_mode()
     def score_patches_all(self, patches: torch.Tensor) -> dict[str, np.ndarray]:
         """Every score of the model at once: name -> (N,) float32."""
         parts: dict[str, list[torch.Tensor]] = {}
-        for start in range(0, patches.shape[0], self.batch_size):
-            x = patches[start : start + self.batch_size].to(self.device, non_blocking=True)
-            for k, v in self.module.scores(x).items():
-                parts.setdefault(k, []).append(v.float().cpu())
+        with self._grad_mode():
+            for start in range(0, patches.shape[0], self.batch_size):
+                # float32 in any precision: the model casts at its first conv (see reduced_precision)
+                x = patches[start : start + self.batch_size].to(self.device, non_blocking=True)
+                for k, v in self.module.scores(x).items():
+                    parts.setdefault(k, []).append(v.float().cpu())
         return {k: torch.cat(v).numpy() for k, v in parts.items()}
 
     def patches(self, image: np.ndarray) -> tuple[PatchGrid, torch.Tensor]:

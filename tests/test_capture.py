@@ -151,13 +151,15 @@ def test_folder_replay_counts_corrupt_file(tmp_path, caplog, loop):
     folder = image_folder(tmp_path, 3, corrupt=["001b.jpg"])
     cfg = SourceConfig(kind="folder", uri=str(folder), loop=loop)
     with caplog.at_level(logging.DEBUG, logger="edge_agent.capture"):
-        with Run(make_source(cfg), cfg, keep=lambda f: int(f.image[0, 0, 0])) as run:
+        # The unreadable file is handed on as a frame with an error (it gets an ERROR verdict).
+        with Run(make_source(cfg), cfg, keep=lambda f: f.error or int(f.image[0, 0, 0])) as run:
             if loop:
-                wait_for(lambda: len(run.frames) >= 9)
+                wait_for(lambda: len(run.frames) >= 12)
             else:
                 assert run.ended.wait(5)
-    passes = len(run.frames) // 3
-    assert run.frames[: 3 * passes] == [0, 1, 2] * passes
+    passes = len(run.frames) // 4
+    assert [-1 if isinstance(f, str) else f for f in run.frames[: 4 * passes]] == [0, 1, -1, 2] * passes
+    assert all("001b.jpg" in f for f in run.frames[2 : 4 * passes : 4])
     assert run.capture.counts["bad_frame"] >= passes
     assert run.sample("edge_agent_dropped_total", reason="bad_frame") == run.capture.counts["bad_frame"]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "001b.jpg" in r.getMessage()]

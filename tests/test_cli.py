@@ -145,3 +145,14 @@ def test_console_script_usage_errors(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "not found" in r.stderr
     r = subprocess.run(exe + ["--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "train" in r.stdout and "evaluate" in r.stdout
+
+
+def test_evaluate_several_models_takes_the_scores_each_has(capsys, vae_model, ae_model, station, tmp_path):
+    code, out, err = run(capsys, "evaluate", vae_model, ae_model, "--score", "m", "--score", "l2", "--good",
+                         station / "test/good", "--defect", station / "test/defect", "--report", tmp_path / "r", "-q")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r/report.json").read_text())
+    assert [set(m["scores"]) for m in report["models"]] == [{"m"}, {"l2"}]
+    code, _, err = run(capsys, "evaluate", vae_model, "--score", "l2", "--good", station / "test/good", "--defect",
+                       station / "test/defect")
+    assert_one_line_error(code, err, "'l2'", "vae.pt")

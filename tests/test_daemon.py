@@ -28,7 +28,7 @@ from edge_agent.synth import make_part
 
 ROOT = Path(__file__).parent.parent
 SCHEMA = json.loads((ROOT / "deploy" / "verdict.schema.json").read_text())
-TIMEOUT_S = 30.0
+TIMEOUT_S = 60.0  # a generous ceiling: waits end on events; a loaded 2-core runner can take 30 s to start the agent
 # Between the tiny test model's good-part scores (up to ~80) and a 30x30 white block (~170).
 THRESHOLD = 120.0
 

@@ -377,6 +377,24 @@ def test_triggers_accepted_and_rejected(mosquitto, make_publisher, protocol):
     sub.close()
 
 
+@pytest.mark.integration
+def test_a_trigger_the_pipeline_refuses_is_a_counted_rejection_without_traceback(mosquitto, make_publisher,
+                                                                                  caplog):
+    def refuse(trigger):
+        raise ValueError('inspection.mode is "free-run"; set inspection.mode = "triggered" to use triggers')
+
+    metrics = RecordingMetrics()
+    pub = make_publisher(mosquitto.port, on_trigger=refuse, metrics=metrics)
+    assert pub.wait_connected(TIMEOUT_S)
+    sub = Subscriber(mosquitto.port, TOPICS.trigger_response)
+    sub.client.publish(TOPICS.trigger, b'{"part_id": "A1"}', qos=1)
+    (reply,) = [json.loads(m.payload) for m in sub.wait_for(1)]
+    assert (reply["ok"], reply["reason"]) == (False, "refused") and "free-run" in reply["error"]
+    assert ("trigger_rejected", "refused") in metrics.calls
+    assert not [r for r in caplog.records if r.exc_info], "a refusal is not a bug: no traceback"
+    sub.close()
+
+
 class RecordingMetrics:
     def __init__(self):
         self.calls = []
@@ -433,7 +451,7 @@ def test_outbox_drops_are_counted_in_metrics(tmp_path):
     pub = MqttPublisher(MqttConfig(host="127.0.0.1", port=1), "st1", outbox, metrics=metrics)
     for seq in range(1, 4):  # not started: everything stays in the outbox
         pub.publish_verdict(sample_verdict(seq), heatmap_jpeg=b"h" * 1500)
-    assert metrics.calls.count(("dropped", "outbox_full_heatmap")) == 2
+    assert metrics.calls.count(("dropped", "heatmap_outbox_full")) == 2
     kept = [(m.kind, json.loads(m.properties["seq"])) for m in outbox.peek(10)]
     assert kept == [("verdict", 1), ("verdict", 2), ("verdict", 3), ("heatmap", 3)]
 

@@ -126,3 +126,38 @@ def test_concurrent_puts_and_acks(tmp_path):
 def test_rejects_nonpositive_bound(tmp_path, max_bytes):
     with pytest.raises(ValueError):
         Outbox(tmp_path, max_bytes)
+
+
+def test_low_disk_refuses_heatmaps_and_keeps_verdicts(tmp_path, monkeypatch):
+    import shutil
+
+    from edge_agent import outbox as outbox_module
+
+    box = Outbox(tmp_path, 10_000_000)
+    box.put("verdict", "t", b"v1")
+    box.put("heatmap", "t", b"h1")
+    free = shutil.disk_usage(tmp_path).free
+    monkeypatch.setattr(outbox_module, "MIN_FREE_BYTES", free + 1)  # the disk now counts as nearly full
+    assert box.put("heatmap", "t", b"h2") is None
+    assert box.put("verdict", "t", b"v2") is not None, "a verdict still goes in, in place of the old heatmap"
+    assert [m.payload for m in box.peek(10)] == [b"v1", b"v2"]
+    assert box.dropped == {"heatmap": 2}
+
+
+def test_a_full_disk_refuses_with_a_count_instead_of_raising(tmp_path):
+    import sqlite3
+
+    box = Outbox(tmp_path, 10_000_000)
+
+    class FullDb:
+        def __init__(self, db):
+            self.db = db
+
+        def execute(self, sql, *args):
+            if sql.startswith("INSERT"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return self.db.execute(sql, *args)
+
+    box._db = FullDb(box._db)
+    assert box.put("verdict", "t", b"v") is None
+    assert box.dropped == {"verdict": 1} and box.depth() == 0

@@ -183,15 +183,19 @@ def test_score_at_the_threshold_is_ok():
     assert pipeline.inspect(frame(1))["result"] == "OK"
 
 
-def test_wrong_size_frame_is_rejected_counted_and_never_scored():
+def test_wrong_size_frame_is_counted_never_scored_and_gets_an_error_verdict():
     calls = []
-    pipeline, _, metrics = make_pipeline(FakeScorer(lambda x: calls.append(1) or np.zeros(len(x), np.float32)),
-                                         source=FakeSource(finite=False))
+    pipeline, publisher, metrics = make_pipeline(
+        FakeScorer(lambda x: calls.append(1) or np.zeros(len(x), np.float32)), source=FakeSource(finite=False))
     pipeline._on_frame(frame(1, shape=(H, W + 8, 3)))
     pipeline._on_frame(frame(2, shape=(H, W)))  # grey frames fit a grey model
-    assert pipeline.queue.qsize() == 1 and pipeline.queue.get_nowait().seq == 2
+    first, second = (pipeline.inspect(pipeline.queue.get_nowait()) for _ in range(2))
+    assert (first["seq"], first["result"], second["seq"], second["result"]) == (1, "ERROR", 2, "OK")
+    assert "72x64x3" in first["error"] and first["score"] is None
+    validate(first)
     assert sample(metrics, "edge_agent_dropped_total", reason="wrong_size") == 1
-    assert not calls
+    assert sample(metrics, "edge_agent_frames_total", result="ERROR") == 1
+    assert len(calls) == 1, "only the frame that fits is scored"
 
 
 def test_triggers_pair_with_the_next_frames_in_order():
@@ -220,6 +224,31 @@ def test_frames_without_a_trigger_are_not_inspected_in_triggered_mode():
     assert pipeline.queue.get_nowait().trigger.part_id == "P1"
 
 
+class DeadCamera(FakeSource):
+    """Delivers `n` frames, then every read fails: the camera is gone."""
+
+    def read(self):
+        if self.i >= self.n:
+            return None
+        return super().read()
+
+
+def test_a_trigger_still_pending_at_shutdown_gets_an_error_verdict():
+    pipeline, publisher, metrics = make_pipeline(source=DeadCamera(n=0, finite=False),
+                                                 inspection={"mode": "triggered"})
+    pipeline.start()
+    pipeline.trigger(Trigger("t1", "P1"))
+    pipeline.trigger(Trigger("t2", "P2"))
+    pipeline.stop.set()
+    assert pipeline.drain(5)
+    assert [(v["part_id"], v["result"]) for v in publisher.verdicts] == [("P1", "ERROR"), ("P2", "ERROR")]
+    for v in publisher.verdicts:
+        validate(v)
+        assert "stopped before a frame" in v["error"] and v["score"] is None
+    assert len({v["message_id"] for v in publisher.verdicts}) == 2
+    assert sample(metrics, "edge_agent_frames_total", result="ERROR") == 2
+
+
 def test_free_run_refuses_triggers_with_the_fix():
     pipeline, _, _ = make_pipeline()
     with pytest.raises(ValueError, match='mode = "triggered"'):
@@ -243,3 +272,13 @@ def test_retention_keeps_ng_and_stays_under_its_bound(tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert len(names) == 2 and names[0].endswith("00000003_NG.json"), "only the newest frame is kept"
     assert json.loads((tmp_path / names[0]).read_text())["seq"] == 3
+
+
+def test_an_unreadable_frame_gets_an_error_verdict_even_with_retention_on(tmp_path):
+    pipeline, publisher, _ = make_pipeline()
+    pipeline.retention = Retention(RetentionConfig(enabled=True, dir=tmp_path))
+    unreadable = Frame(1, np.zeros((0, 0), np.uint8), captured_at=1.0, error="unreadable frame: x.png")
+    verdict = pipeline.inspect(unreadable)
+    assert (verdict["result"], verdict["error"]) == ("ERROR", "unreadable frame: x.png")
+    assert publisher.verdicts[0]["seq"] == 1 and not list(tmp_path.iterdir())
+    validate(verdict)

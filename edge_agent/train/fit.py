@@ -25,11 +25,12 @@ from edge_agent.images import file_hashes, fingerprint, list_images, read_image
 from edge_agent.patches import MIN_PATCH_SIZE, to_tensor
 from edge_agent.progress import Progress
 from edge_agent.scoring import cpu_has_bf16, pick_device
-from edge_agent.train.nets import AE, VAE, fold_decoder_batchnorm
+from edge_agent.train.nets import AE, VAE, ConvDecoder, fold_decoder_batchnorm
 
 logger = logging.getLogger(__name__)
 
-FAMILIES = ("vae", "ae")
+FAMILIES = ("vae", "ae", "gmm", "anogan")
+LATENT_SEARCHES = {"encoder": "encoder", "encoder+refine": "encoder_refine", "random": "search"}  # -> default score
 
 
 @dataclass
@@ -51,6 +52,18 @@ class TrainOptions:
     precision: str = "auto"  # bf16 autocast where the hardware has it
     name: str | None = None
     progress: bool = True
+    # gmm (SPEC 2.3): PCA dims Nh, mixture components Nz, covariance regularizer, crops per image (seed: 100)
+    nh: int = 32
+    components: int = 8
+    reg_covar: float = 1e-4
+    crops_per_image: int = 100
+    # anogan (SPEC 2.4): search steps Gamma, weight lambda, refine steps k, search Adam lr, default latent search
+    gamma_steps: int = 100
+    lam: float = 0.1
+    refine_steps: int = 10
+    search_lr: float = 0.05
+    latent_search: str = "encoder+refine"
+    threshold_images: int | None = None  # score only this many training images (evenly spaced) for the threshold
     extra_card: dict[str, Any] = field(default_factory=dict)
 
 
@@ -100,6 +113,13 @@ def build_model(opts: TrainOptions) -> nn.Module:
         return VAE(opts.channels, opts.patch_size, opts.nc, opts.nz, opts.sigma_min)
     if opts.model == "ae":
         return AE(opts.channels, opts.patch_size, opts.nc, opts.nz)
+    if opts.model == "anogan":
+        from edge_agent.train.anogan import AnoGAN
+
+        if opts.latent_search not in LATENT_SEARCHES:
+            raise DataError(f"--latent-search {opts.latent_search!r} is not one of: {', '.join(LATENT_SEARCHES)}")
+        return AnoGAN(opts.channels, opts.patch_size, opts.nc, opts.nz, opts.gamma_steps, opts.refine_steps,
+                      opts.lam, opts.search_lr, opts.seed, LATENT_SEARCHES[opts.latent_search])
     raise DataError(f"unknown model family {opts.model!r}; choose one of: {', '.join(FAMILIES)}")
 
 
@@ -117,14 +137,13 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
     """Train, export, set the seed's max-over-training-images threshold; returns the model card."""
     if opts.patch_size < MIN_PATCH_SIZE:
         raise DataError(f"--patch-size {opts.patch_size} is below {MIN_PATCH_SIZE}; use 16 or more")
+    if opts.model not in FAMILIES:
+        raise DataError(f"unknown model family {opts.model!r}; choose one of: {', '.join(FAMILIES)}")
     torch.manual_seed(opts.seed)
     files, images = load_good_images(data_dir, opts.channels, opts.patch_size)
     device = pick_device(opts.device)
-    use_bf16 = opts.precision == "bf16" or (
-        opts.precision == "auto" and (device.type == "cuda" or cpu_has_bf16())
-    )
-    model = build_model(opts).to(device)
-    optim = torch.optim.Adam(model.parameters(), lr=opts.lr, betas=(0.9, 0.999), weight_decay=opts.weight_decay)
+    use_bf16 = opts.model in ("vae", "ae") and (opts.precision == "bf16" or (
+        opts.precision == "auto" and (device.type == "cuda" or cpu_has_bf16())))
     sampler = CropSampler(images, opts.patch_size, opts.seed)
 
     h, w = images[0].shape[1:]
@@ -133,6 +152,84 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
     total_steps = steps_per_epoch * opts.epochs
     budget_s = opts.max_minutes * 60 if opts.max_minutes else math.inf
 
+    t0 = time.monotonic()
+    if opts.model == "gmm":
+        model, training = _fit_gmm(sampler, len(images), opts)
+    elif opts.model == "anogan":
+        model, training = _fit_anogan(sampler, device, total_steps, steps_per_epoch, budget_s, opts)
+    else:
+        model = build_model(opts).to(device)
+        training = _fit_gradient(model, sampler, device, use_bf16, total_steps, steps_per_epoch, budget_s, opts)
+    seconds = time.monotonic() - t0
+
+    training = {
+        "data_dir": str(data_dir), "images": len(files), "data_fingerprint": fingerprint(files),
+        "image_hashes": file_hashes(files),
+        **training,
+        "seconds": round(seconds, 1), "seed": opts.seed, "device": str(device),
+        "autocast": "bf16" if use_bf16 else "fp32",
+    }
+    export(model, opts, out, int(h), int(w), training)
+    if opts.threshold_images and opts.threshold_images < len(files):
+        # AnoGAN's 100-step search costs minutes per image on a CPU; an evenly spaced subset keeps it affordable.
+        files = [files[round(i * len(files) / opts.threshold_images)] for i in range(opts.threshold_images)]
+    return set_training_thresholds(out, files, progress=opts.progress)
+
+
+def export(model: nn.Module, opts: TrainOptions, out: Path, frame_h: int, frame_w: int,
+           training: dict[str, Any], thresholds: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Script the model (eval, CPU; VAE/AE decoder BatchNorms folded) and write it with its card: the one
+    way an artifact is made."""
+    model.eval().cpu()
+    if isinstance(getattr(model, "decoder", None), ConvDecoder):
+        model = fold_decoder_batchnorm(model)
+    scripted = torch.jit.script(model)
+    scores: dict[str, Any] = {"names": list(model.score_names), "default": model.default_score, "pixel_map": True,
+                              "higher_is_anomalous": True}
+    if opts.model in ("gmm", "anogan"):
+        # GMM: float64 Cholesky factors must not be cast to bf16. AnoGAN: the latent search runs autograd,
+        # so the scorer must use no_grad (not inference_mode) and fp32 for the Adam steps on z.
+        scores["precision"] = "fp32"
+        scores["needs_grad"] = opts.model == "anogan"
+    card = {
+        "model_id": opts.name or out.stem,
+        "family": opts.model,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "input": {"channels": opts.channels, "color": "gray" if opts.channels == 1 else "bgr",
+                  "scale": "x / 255", "frame_height": frame_h, "frame_width": frame_w},
+        "patch": {"size": opts.patch_size, "stride": opts.stride, "cover_edges": True},
+        "scores": scores,
+        "architecture": architecture(model, opts),
+        "thresholds": thresholds or {},
+        "training": training,
+        "versions": {"edge_agent": edge_agent.__version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+        **opts.extra_card,
+    }
+    return artifact.save(scripted, card, out)
+
+
+def architecture(model: nn.Module, opts: TrainOptions) -> dict[str, Any]:
+    """The family's parameters for the card."""
+    if opts.model == "gmm":
+        return {"nh": opts.nh, "components": opts.components, "covariance_type": "full", "reg_covar": opts.reg_covar,
+                "reg_covar_description": "added to the diagonal of every covariance (scikit-learn reg_covar)"}
+    arch: dict[str, Any] = {"nc": opts.nc, "nz": opts.nz, "depth": len(model.encoder.conv) // 3}
+    if opts.model == "vae":
+        arch["sigma_min"] = opts.sigma_min
+    if opts.model == "anogan":
+        arch.update({"gamma_steps": opts.gamma_steps, "lambda": opts.lam, "refine_steps": opts.refine_steps,
+                     "search_optimizer": f"Adam(lr={opts.search_lr}, betas=(0.9, 0.999)) on z, G and D frozen",
+                     "search_start": f"fixed N(0, 1) bank of {model.z_bank.shape[0]} latents, seed {opts.seed}",
+                     "latent_search": opts.latent_search, "discriminator_features": "last conv layer",
+                     "generator": "mirror of the encoder (linear + ConvTranspose 4x4/2 + BatchNorm + ReLU), sigmoid"})
+    return arch
+
+
+def _fit_gradient(model: nn.Module, sampler: CropSampler, device: torch.device, use_bf16: bool, total_steps: int,
+                  steps_per_epoch: int, budget_s: float, opts: TrainOptions) -> dict[str, Any]:
+    """The VAE/AE Adam loop; returns the card's training summary."""
+    optim = torch.optim.Adam(model.parameters(), lr=opts.lr, betas=(0.9, 0.999), weight_decay=opts.weight_decay)
     model.train()
     t0 = time.monotonic()
     step, ema, stopped_by = 0, None, "epochs"
@@ -155,45 +252,55 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
             ema = value if ema is None else 0.98 * ema + 0.02 * value
             eta = min((total_steps - step) * elapsed / max(step - 1, 1), budget_s - elapsed) if step > 1 else None
             bar.update(1, eta_s=eta, epoch=f"{step // steps_per_epoch + 1}/{opts.epochs}", loss=ema)
-    seconds = time.monotonic() - t0
-
-    training = {
-        "data_dir": str(data_dir), "images": len(files), "data_fingerprint": fingerprint(files),
-        "image_hashes": file_hashes(files),
-        "steps": step, "steps_per_epoch": steps_per_epoch, "epochs": round(step / steps_per_epoch, 3),
-        "stopped_by": stopped_by, "final_loss": ema, "seconds": round(seconds, 1),
-        "batch_size": opts.batch_size, "lr": opts.lr, "weight_decay": opts.weight_decay,
-        "optimizer": "Adam(betas=(0.9, 0.999))", "seed": opts.seed, "device": str(device),
-        "autocast": "bf16" if use_bf16 else "fp32",
-    }
-    export(model, opts, out, int(h), int(w), training)
-    return set_training_thresholds(out, files, progress=opts.progress)
+    return {"steps": step, "steps_per_epoch": steps_per_epoch, "epochs": round(step / steps_per_epoch, 3),
+            "stopped_by": stopped_by, "final_loss": ema, "batch_size": opts.batch_size, "lr": opts.lr,
+            "weight_decay": opts.weight_decay, "optimizer": "Adam(betas=(0.9, 0.999))"}
 
 
-def export(model: nn.Module, opts: TrainOptions, out: Path, frame_h: int, frame_w: int,
-           training: dict[str, Any], thresholds: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Script the model (eval, CPU, decoder BatchNorms folded) and write it with its card: the one way
-    an artifact is made."""
-    model.eval().cpu()
-    scripted = torch.jit.script(fold_decoder_batchnorm(model))
-    card = {
-        "model_id": opts.name or out.stem,
-        "family": opts.model,
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "input": {"channels": opts.channels, "color": "gray" if opts.channels == 1 else "bgr",
-                  "scale": "x / 255", "frame_height": frame_h, "frame_width": frame_w},
-        "patch": {"size": opts.patch_size, "stride": opts.stride, "cover_edges": True},
-        "scores": {"names": list(model.score_names), "default": model.default_score, "pixel_map": True,
-                   "higher_is_anomalous": True},
-        "architecture": {"nc": opts.nc, "nz": opts.nz, "depth": len(model.encoder.conv) // 3,
-                         **({"sigma_min": opts.sigma_min} if opts.model == "vae" else {})},
-        "thresholds": thresholds or {},
-        "training": training,
-        "versions": {"edge_agent": edge_agent.__version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
-        **opts.extra_card,
-    }
-    return artifact.save(scripted, card, out)
+def _fit_gmm(sampler: CropSampler, n_images: int, opts: TrainOptions) -> tuple[nn.Module, dict[str, Any]]:
+    """No gradient loop: crops_per_image random crops per image (seed 000: 100), then PCA + EM (scikit-learn)."""
+    from edge_agent.train.gmm import fit_pca_gmm
+
+    n_crops = n_images * opts.crops_per_image
+    if opts.nh > min(n_crops, opts.channels * opts.patch_size**2):
+        raise DataError(f"--nh {opts.nh} is more than the {n_crops} crops or the {opts.channels * opts.patch_size**2} "
+                        "pixels of a patch allow; lower --nh or raise --crops-per-image")
+    if opts.components > n_crops:
+        raise DataError(f"--components {opts.components} is more than the {n_crops} crops; lower it")
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise DataError("--model gmm needs scikit-learn at training time: pip install 'edge-agent[train]'") from None
+    with Progress(1, "fit pca+gmm", enabled=opts.progress) as bar:
+        module, _, _, info = fit_pca_gmm(sampler.sample(n_crops), opts.nh, opts.components, opts.reg_covar, opts.seed)
+        bar.update(1)
+    if not info["converged"]:
+        logger.warning("GMM EM did not converge in %d iterations; the model is usable but may be improved",
+                       info["em_iterations"])
+    return module, {"steps": info["em_iterations"], "stopped_by": "converged" if info["converged"] else "max_iter",
+                    "final_loss": info["mean_nll"], "crops": n_crops, "crops_per_image": opts.crops_per_image,
+                    "pca_explained_variance": info["explained_variance"],
+                    "optimizer": "scikit-learn PCA + GaussianMixture EM (k-means init)"}
+
+
+def _fit_anogan(sampler: CropSampler, device: torch.device, total_steps: int, steps_per_epoch: int, budget_s: float,
+                opts: TrainOptions) -> tuple[nn.Module, dict[str, Any]]:
+    """DCGAN, then the encoder that inverts the generator (see anogan.train_anogan)."""
+    from edge_agent.train.anogan import train_anogan
+
+    model = build_model(opts).to(device)
+    with Progress(total_steps + max(1, total_steps // 2), "train", enabled=opts.progress) as bar:
+        try:
+            info = train_anogan(model, lambda: sampler.sample(opts.batch_size).to(device, non_blocking=True), device,
+                                total_steps, budget_s, opts.lr,
+                                on_step=lambda phase, loss: bar.update(1, phase=phase, loss=loss))
+        except FloatingPointError as e:
+            raise DataError(f"{e}; lower --lr or check the images") from None
+    done = info["gan_steps"] >= total_steps and info["encoder_steps"] >= max(1, total_steps // 2)
+    return model, {"steps": info["gan_steps"] + info["encoder_steps"], "steps_per_epoch": steps_per_epoch,
+                   "epochs": round(info["gan_steps"] / steps_per_epoch, 3),
+                   "stopped_by": "epochs" if done else "time budget", "final_loss": info["final_loss_encoder"],
+                   "batch_size": opts.batch_size, "lr": opts.lr, **info}
 
 
 def set_training_thresholds(path: Path, files: list[Path], progress: bool = True) -> dict[str, Any]:

@@ -1,0 +1,155 @@
+"""PCA+GMM and AnoGAN: scores against hand computations and scikit-learn, the latent search, the artifact round trip."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+from scipy.stats import multivariate_normal
+
+from edge_agent import artifact
+from edge_agent.cli import main
+from edge_agent.scoring import Scorer
+from edge_agent.train.anogan import AnoGAN
+from edge_agent.train.gmm import fit_pca_gmm
+
+pytest.importorskip("sklearn")
+
+
+def run(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny_gmm():
+    """PCA to 3 dims and a 2-component GMM on 16x16 crops drawn from two patch types (flat, striped)."""
+    g = torch.Generator().manual_seed(0)
+    flat = 0.3 + 0.05 * torch.randn(200, 1, 16, 16, generator=g)
+    stripes = (torch.arange(16) % 4 < 2).float().view(1, 1, 1, 16) * 0.6 + 0.05 * torch.randn(200, 1, 16, 16, generator=g)
+    module, pca, gmm, _ = fit_pca_gmm(torch.cat([flat, stripes]).clamp(0, 1), nh=3, components=2, reg_covar=1e-4, seed=0)
+    x = torch.cat([flat[:5], stripes[:5], torch.rand(5, 1, 16, 16, generator=g)])
+    return torch.jit.script(module), pca, gmm, x
+
+
+def test_gmm_scores_match_hand_computation(tiny_gmm):
+    module, pca, gmm, x = tiny_gmm
+    f = (x.flatten(1).double().numpy() - pca.mean_) @ pca.components_.T
+    nh = f.shape[1]
+    log_joint = np.stack([np.log(w) + multivariate_normal(mu, cov).logpdf(f)
+                          for w, mu, cov in zip(gmm.weights_, gmm.means_, gmm.covariances_)], axis=1)
+    k = log_joint.argmax(1)
+    diff = f - gmm.means_[k]
+    m = np.array([0.5 * d @ np.linalg.solve(gmm.covariances_[kk], d) for d, kk in zip(diff, k)])
+    a = np.array([0.5 * (nh * math.log(2 * math.pi) + np.linalg.slogdet(gmm.covariances_[kk])[1]) for kk in k])
+    d = -np.log(gmm.weights_[k])
+    got = {name: v.double().numpy() for name, v in module.scores(x).items()}
+    np.testing.assert_allclose(got["m"], m, rtol=1e-4)
+    np.testing.assert_allclose(got["a"], a, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["d"], d, rtol=1e-5)
+    np.testing.assert_allclose(got["nll"], -logsumexp(log_joint, axis=1), rtol=1e-4)
+    # -log w_k p(f|k) = D + A + M for the MAP k, and the mixture likelihood is at least that component's.
+    assert np.all(got["d"] + got["a"] + got["m"] >= got["nll"] - 1e-3)
+    assert set(k) == {0, 1}, "the test data should exercise both components"
+
+
+def test_gmm_nll_equals_sklearn_score_samples(tiny_gmm):
+    module, pca, gmm, x = tiny_gmm
+    expected = -gmm.score_samples(pca.transform(x.flatten(1).double().numpy()))
+    np.testing.assert_allclose(module.score(x, "nll").double().numpy(), expected, rtol=1e-4)
+    np.testing.assert_allclose(module(x).numpy(), module.score(x, "m").numpy())
+
+
+def test_gmm_pixel_map_is_the_pca_residual(tiny_gmm):
+    module, pca, _, x = tiny_gmm
+    flat = x.flatten(1).double().numpy()
+    recon = pca.inverse_transform(pca.transform(flat))
+    np.testing.assert_allclose(module.pixel_map(x).numpy(), np.abs(flat - recon).reshape(-1, 16, 16), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_anogan():
+    torch.manual_seed(0)
+    model = AnoGAN(channels=1, patch_size=16, nc=4, nz=4, gamma_steps=5, refine_steps=2, lam=0.1, search_lr=0.05)
+    return model.eval(), torch.jit.script(model)
+
+
+def test_latent_search_lowers_its_loss(tiny_anogan):
+    model, scripted = tiny_anogan
+    x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fx = model.discriminator.features(x)
+        z0 = model.random_start(8)
+        z = scripted.search(x, z0, 30)
+        before, after = model.anomaly(x, fx, z0), model.anomaly(x, fx, z)
+        assert torch.is_grad_enabled() is False, "the search must restore the caller's grad mode"
+        assert torch.all(after < before), (before, after)
+        # The "search" score is this search with the card's Gamma from the same fixed start.
+        z_gamma = scripted.search(x, z0, scripted.gamma_steps)
+        torch.testing.assert_close(scripted.score(x, "search"), model.anomaly(x, fx, z_gamma))
+
+
+def test_latent_search_cannot_run_in_inference_mode(tiny_anogan):
+    """Why the card carries scores.needs_grad: the scorer must use no_grad for this family."""
+    _, scripted = tiny_anogan
+    with torch.inference_mode(), pytest.raises((RuntimeError, torch.jit.Error), match="needs autograd"):
+        scripted.score(torch.rand(2, 1, 16, 16), "encoder_refine")
+
+
+def test_anogan_scores_are_consistent(tiny_anogan):
+    _, scripted = tiny_anogan
+    x = torch.rand(6, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        all_scores = scripted.scores(x)
+        assert set(all_scores) == {"encoder", "encoder_refine", "search"}
+        for name, v in all_scores.items():
+            torch.testing.assert_close(scripted.score(x, name), v)
+        assert scripted.pixel_map(x).shape == (6, 16, 16)
+
+
+@pytest.mark.parametrize("family,options,default,architecture", [
+    ("gmm", ["--nh", "8", "--components", "3", "--reg-covar", "1e-3", "--crops-per-image", "50"], "m",
+     {"nh": 8, "components": 3, "reg_covar": 1e-3}),
+    ("anogan", ["--nc", "4", "--nz", "4", "--batch-size", "16", "--max-minutes", "0.005", "--gamma-steps", "3",
+                "--refine-steps", "2", "--lambda", "0.25", "--threshold-images", "4"], "encoder_refine",
+     {"gamma_steps": 3, "refine_steps": 2, "lambda": 0.25, "latent_search": "encoder+refine"}),
+])
+def test_family_trains_exports_and_scores_through_the_cli(capsys, station, tmp_path, family, options, default,
+                                                          architecture):
+    out = tmp_path / f"{family}.pt"
+    code, _, err = run(capsys, "train", station / "train/good", "--out", out, "--model", family, "--stride", "16",
+                       "--device", "cpu", "-q", *options)
+    assert code == 0, err
+    card = artifact.verify(out)
+    assert card["family"] == family
+    assert card["scores"]["default"] == default and card["scores"]["precision"] == "fp32"
+    assert card["scores"]["needs_grad"] is (family == "anogan")
+    assert architecture.items() <= card["architecture"].items()
+    assert set(card["thresholds"]) == set(card["scores"]["names"])
+    assert card["thresholds"][default]["images"] == (4 if family == "anogan" else 8)
+
+    scorer = Scorer(out, device="cpu", precision="bf16", warmup=False)
+    assert scorer.dtype == torch.float32, "the card's fp32 must win over a bf16 request"
+    grid, patches = scorer.patches(np.full((128, 128), 128, np.uint8))
+    assert scorer.score_patches(patches).shape == (grid.count,)
+
+    code, stdout, err = run(capsys, "score", out, station / "test/defect", "--json", "--device", "cpu")
+    assert code == 0, err
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    assert len(rows) == 6
+    for r in rows:
+        assert r["score_name"] == default and math.isfinite(r["score"])
+        assert r["anomalous"] == (r["score"] > r["threshold"])
+
+
+def test_bad_family_options_are_one_line_errors(capsys, station, tmp_path):
+    code, _, err = run(capsys, "train", station / "train/good", "--out", tmp_path / "a.pt", "--model", "anogan",
+                       "--latent-search", "genetic")
+    assert code != 0 and "Traceback" not in err and "--latent-search 'genetic'" in err
+    code, _, err = run(capsys, "train", station / "train/good", "--out", tmp_path / "g.pt", "--model", "gmm",
+                       "--nh", "5000", "-q")
+    assert code != 0 and "Traceback" not in err and "--nh 5000" in err
