@@ -131,7 +131,16 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Replace path with data so that a crash at any moment leaves either the old or the new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp makes the file 0600; keep the mode of the file replaced (or 0644 less the umask), so
+    # a model written by an engineer stays readable by the station's service user.
     try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o644 & ~umask
+    try:
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

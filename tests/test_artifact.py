@@ -118,3 +118,11 @@ def test_update_card_is_atomic_and_rechecksummed(saved, monkeypatch):
     monkeypatch.undo()
     card = artifact.update_card(path, lambda c: {**c, "note": "x"})
     assert artifact.verify(path)["note"] == "x" == card["note"]
+
+
+def test_written_model_is_readable_by_the_service_user(saved):
+    _, path = saved
+    assert path.stat().st_mode & 0o044 == 0o044  # group/other can read (the station runs as its own user)
+    path.chmod(0o640)
+    artifact.update_card(path, lambda c: {**c, "note": "y"})
+    assert path.stat().st_mode & 0o777 == 0o640  # a rewrite keeps the mode the operator chose
