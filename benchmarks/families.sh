@@ -8,17 +8,18 @@ EA=${EDGE_AGENT:-.venv/bin/edge-agent}
 [ -d "$D/train/good" ] || $EA synth "$D"
 mkdir -p "$R"
 T=$D/test
-$EA train "$D/train/good" --out "$R/vae.pt" --model vae --epochs 10 -q
-$EA train "$D/train/good" --out "$R/ae.pt" --model ae --epochs 10 -q
-$EA train "$D/train/good" --out "$R/gmm.pt" --model gmm --nh 32 --components 8 -q
-$EA train "$D/train/good" --out "$R/anogan.pt" --model anogan --stride 16 --nc 16 --epochs 1000 --max-minutes 8 \
-    --threshold-images 20 -q
+# A model already in $R is kept (rerun the comparison without retraining).
+train() { out=$1; shift; [ -f "$out" ] || $EA train "$D/train/good" --out "$out" -q "$@"; }
+train "$R/vae.pt" --model vae --epochs 10
+train "$R/ae.pt" --model ae --epochs 10
+train "$R/gmm.pt" --model gmm --nh 32 --components 8
+train "$R/anogan.pt" --model anogan --stride 16 --nc 16 --epochs 1000 --max-minutes 6 --threshold-images 20
 $EA evaluate "$R/vae.pt" "$R/ae.pt" "$R/gmm.pt" --score m --score elbo --score l1 --score l2 --score ssim --score nll \
     --good "$T/good" --defect "$T/defect" --masks "$T/masks" --report "$R/report" -q 2>&1 | tee "$R/evaluate.txt" || true
-# AnoGAN's latent search costs up to 110 generator+discriminator passes per patch: every 4th test image.
+# AnoGAN's latent search costs up to 110 generator+discriminator passes per patch: every 5th test image.
 for d in good defect masks; do
   mkdir -p "$R/sub/$d"
-  for i in $(seq -f %04g 0 4 99); do cp "$T/$d/$i.png" "$R/sub/$d/"; done
+  for i in $(seq -f %04g 0 5 99); do cp "$T/$d/$i.png" "$R/sub/$d/"; done
 done
 for s in encoder encoder_refine search; do
   $EA evaluate "$R/anogan.pt" --score $s --good "$R/sub/good" --defect "$R/sub/defect" --masks "$R/sub/masks" \
