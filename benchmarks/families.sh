@@ -10,7 +10,7 @@ mkdir -p "$R"
 T=$D/test
 # A model already in $R is kept (rerun the comparison without retraining).
 train() { out=$1; shift; [ -f "$out" ] || $EA train "$D/train/good" --out "$out" -q "$@"; }
-train "$R/vae.pt" --model vae --epochs 10
+train "$R/vae.pt" --model vae --epochs 10 --nz 50
 train "$R/ae.pt" --model ae --epochs 10
 train "$R/gmm.pt" --model gmm --nh 32 --components 8
 train "$R/anogan.pt" --model anogan --stride 16 --nc 16 --epochs 1000 --max-minutes 6 --threshold-images 20
