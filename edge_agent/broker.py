@@ -5,6 +5,7 @@ on 127.0.0.1 itself, so a station works before the plant's broker is set up.
 from __future__ import annotations
 
 import logging
+import random
 import shutil
 import socket
 import subprocess
@@ -40,7 +41,27 @@ def port_is_free(port: int, host: str = HOST) -> bool:
         return True
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = HOST) -> int:
+    """A free port below the kernel's ephemeral range.
+
+    A port from that range can be handed to a client's own outgoing socket: a client retrying a
+    broker that is down on such a port can connect to itself (TCP self-connect) and hold the port
+    the broker must come back on.
+    """
+    lo, _hi = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, max(lo, 10001))
+        if port_is_free(port, host):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
