@@ -349,7 +349,7 @@ class Pipeline:
             grid, patches = scorer.patches(frame.image)
             now = time.perf_counter()
             stage_s["preprocess"], t = now - t, now
-            scores = scorer.score_patches(patches)
+            scores = scorer.score_frame(grid, patches)
             now = time.perf_counter()
             stage_s["inference"], t = now - t, now
             self.metrics.patches_scored(len(scores))
