@@ -15,7 +15,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edge_agent.config import MqttConfig
 from edge_agent.frames import Trigger
-from edge_agent.mqtt import MqttPublisher, TokenBucket, Topics, TriggerError, parse_trigger
+from edge_agent.mqtt import MqttPublisher, Topics
+from edge_agent.triggers import TokenBucket, TriggerError, parse_trigger
 from edge_agent.outbox import Outbox
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "deploy" / "verdict.schema.json").read_text())

@@ -1,5 +1,7 @@
+import dataclasses
 import json
 import threading
+import time
 from pathlib import Path
 
 import jsonschema
@@ -215,13 +217,41 @@ def test_triggers_pair_with_the_next_frames_in_order():
     assert sample(metrics, "edge_agent_triggers_total", result="accepted") == 2
 
 
+def live_frame(seq):
+    """A live frame whose read began now."""
+    return dataclasses.replace(frame(seq), read_started_mono=time.monotonic())
+
+
 def test_frames_without_a_trigger_are_not_inspected_in_triggered_mode():
     pipeline, _, _ = make_pipeline(source=FakeSource(finite=False), inspection={"mode": "triggered"})
-    pipeline._on_frame(frame(1))
+    pipeline._on_frame(live_frame(1))
     assert pipeline.queue.empty()
     pipeline.trigger(Trigger("t1", "P1"))
-    pipeline._on_frame(frame(2))
-    assert pipeline.queue.get_nowait().trigger.part_id == "P1"
+    pipeline._on_frame(live_frame(2))
+    paired = pipeline.queue.get_nowait()
+    assert paired.trigger.part_id == "P1" and paired.frame_age_s >= 0
+
+
+def test_a_live_frame_read_before_the_trigger_arrived_is_never_paired_with_it():
+    pipeline, _, _ = make_pipeline(source=FakeSource(finite=False), inspection={"mode": "triggered"})
+    stale = live_frame(1)  # its read began before the trigger arrived: the previous part
+    pipeline.trigger(Trigger("t1", "P1"))
+    pipeline._on_frame(stale)
+    assert pipeline.queue.empty() and pipeline.pending.waiting == 1
+    pipeline._on_frame(live_frame(2))
+    assert pipeline.queue.get_nowait().seq == 2
+
+
+def test_a_live_source_is_never_blocked_while_inference_is_busy():
+    pipeline, _, _ = make_pipeline(source=FakeSource(finite=False), inspection={"mode": "triggered", "queue_size": 1})
+    pipeline.trigger(Trigger("t1", "P1"))
+    pipeline._on_frame(live_frame(1))
+    pipeline.trigger(Trigger("t2", "P2"))
+    pipeline._on_frame(live_frame(2))  # the queue is full: returns at once, t2 waits for a later frame
+    assert pipeline.pending.waiting == 1
+    assert pipeline.queue.get_nowait().trigger.trigger_id == "t1"
+    pipeline._on_frame(live_frame(3))
+    assert pipeline.queue.get_nowait().trigger.trigger_id == "t2"
 
 
 class DeadCamera(FakeSource):
