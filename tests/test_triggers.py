@@ -130,3 +130,159 @@ def test_the_desk_answers_accepted_duplicate_and_refused_triggers():
     assert "known recipes: ['a', 'b']" in refused["error"]
     assert (bad["reason"], bad["trigger_id"], bad["part_id"]) == ("unknown_field", "T3", "A3")
     assert calls == [("trigger_rejected", "unknown_recipe"), ("trigger_rejected", "unknown_field")]
+
+
+# ---- against the real daemon, a real mosquitto and a real live camera (MJPEG over HTTP)
+
+import re  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import cv2  # noqa: E402
+
+from edge_agent.broker import free_port  # noqa: E402
+from tests.daemon_helpers import RunningAgent, planted_model, wait_until  # noqa: E402
+from tests.live_camera import LiveCamera, read_stamp  # noqa: E402
+from tests.test_daemon import THRESHOLD, Subscriber, metric, scrape, station_video, subscriber, validate  # noqa: E402,F401
+
+
+def station_config(tmp_path: Path, model: Path, broker_port: int, *, uri: str, kind: str = "url",
+                   extra: str = "", metrics_port: int = 0, loop: bool = False, fps: float | None = None) -> Path:
+    source_extra = ("loop = true\n" if loop else "") + (f"fps = {fps}\n" if fps else "")
+    text = f"""
+[station]
+id = "st1"
+[model]
+path = "{model}"
+threshold = {THRESHOLD}
+device = "cpu"
+[source]
+kind = "{kind}"
+uri = "{uri}"
+reconnect_min_s = 0.2
+reconnect_max_s = 0.5
+{source_extra}
+[inspection]
+mode = "triggered"
+[mqtt]
+host = "127.0.0.1"
+port = {broker_port}
+heatmap = "never"
+[outbox]
+dir = "{tmp_path / 'outbox'}"
+[metrics]
+port = {metrics_port}
+[retention]
+enabled = true
+ok_sample_rate = 1.0
+dir = "{tmp_path / 'retention'}"
+{extra}
+"""
+    path = tmp_path / "station.toml"
+    path.write_text(text)
+    return path
+
+
+def send(sub: Subscriber, body: dict) -> float:
+    """Publish a trigger; returns the wall-clock time just before it left (the frame must be sent after it)."""
+    sent_at = time.time()
+    sub.client.publish("edge-agent/st1/trigger", json.dumps(body), qos=1)
+    return sent_at
+
+
+def retained_frames(folder: Path) -> dict[str, tuple[dict, Path]]:
+    """trigger_id -> (verdict JSON, PNG) of every retained frame."""
+    out = {}
+    for meta in folder.glob("*.json"):
+        verdict = json.loads(meta.read_text())
+        out[verdict["trigger_id"]] = (verdict, meta.with_suffix(".png"))
+    return out
+
+
+@pytest.mark.integration
+def test_every_trigger_is_judged_on_a_live_frame_sent_after_it_while_the_agent_is_slow(tmp_path, vae_model,
+                                                                                         mosquitto, subscriber):
+    # A scorer that spends ~0.1-0.5 s a frame on this CPU, against a camera sending 25 frames/s: a reader
+    # that stops reading while inference is busy would hand the next trigger a frame from before it.
+    slow = planted_model(vae_model, tmp_path / "slow.pt", spin=4000)
+    camera = LiveCamera(free_port(), fps=25).start()
+    config = station_config(tmp_path, slow, mosquitto.port, uri=camera.url, extra="[trigger]\ndeadline_s = 60\n")
+    agent = RunningAgent(config)
+    sent_at: dict[str, float] = {}
+    try:
+        subscriber.wait_for("status", 1)
+        wait_until(lambda: subscriber.on("status")[-1].payload == b"online", what="online")
+        wait_until(lambda: re.search(r"camera stream \S+ up", agent.stderr), what="camera up")
+        for burst in range(4):
+            for i in range(3):
+                tid = f"B{burst}-{i}"
+                sent_at[tid] = send(subscriber, {"part_id": f"P{burst}{i}", "trigger_id": tid})
+            subscriber.wait_for("trigger/response", 3 * (burst + 1))
+            subscriber.wait_for("verdict", 3 * burst + 1)  # the next burst lands while the agent is busy
+        verdicts = [json.loads(m.payload) for m in subscriber.wait_for("verdict", len(sent_at))]
+        wait_until(lambda: len(retained_frames(tmp_path / "retention")) >= len(sent_at), what="retained frames")
+    finally:
+        rc, _ = agent.terminate()
+        camera.stop()
+    assert rc == 0, agent.stderr
+    assert sorted(v["trigger_id"] for v in verdicts) == sorted(sent_at), "one verdict per trigger"
+    ages, leads = [], []
+    for tid, (verdict, png) in retained_frames(tmp_path / "retention").items():
+        validate(verdict)
+        assert verdict["result"] != "ERROR", verdict["error"]
+        frame_sent_at = read_stamp(cv2.imread(str(png))) / 1000
+        leads.append(frame_sent_at - sent_at[tid])
+        assert frame_sent_at >= sent_at[tid] - 0.001, f"{tid}: frame sent {sent_at[tid] - frame_sent_at:.3f} s " \
+                                                      "before its trigger: the previous part"
+        ages.append(verdict["frame_age_s"])
+    assert all(a is not None and a >= 0 for a in ages)
+    inference = [v["latency_s"]["inference"] for v in verdicts]
+    print(f"\nLIVE pairing: {len(verdicts)} triggers in bursts of 3, inference {min(inference):.2f}-"
+          f"{max(inference):.2f} s/frame, camera {camera.sent} frames at 25 fps: every frame sent after its trigger "
+          f"(by {min(leads) * 1000:.0f}-{max(leads) * 1000:.0f} ms); frame_age_s at pairing max "
+          f"{max(ages) * 1000:.1f} ms")
+
+
+def info(sub: Subscriber) -> dict:
+    return json.loads(sub.on("status/info")[-1].payload)
+
+
+@pytest.mark.integration
+def test_a_camera_missing_at_start_is_retried_and_a_trigger_past_its_deadline_gets_error_never_a_later_frame(
+        tmp_path, vae_model, mosquitto, subscriber):
+    camera_port, metrics_port = free_port(), free_port()
+    camera = LiveCamera(camera_port, fps=25)  # not serving yet: the camera is unplugged when the agent starts
+    config = station_config(tmp_path, vae_model, mosquitto.port, uri=camera.url, metrics_port=metrics_port,
+                            extra="[trigger]\ndeadline_s = 2.0\n")
+    agent = RunningAgent(config)
+    try:
+        wait_until(lambda: subscriber.on("status") and subscriber.on("status")[-1].payload == b"online", what="online")
+        wait_until(lambda: subscriber.on("status/info") and info(subscriber)["camera"] == "down", what="info: down")
+        assert metric(scrape(metrics_port), "edge_agent_camera_up") == 0
+        assert agent.proc.poll() is None, "a missing camera is an outage, not an exit"
+        send(subscriber, {"part_id": "D1", "trigger_id": "T-D1"})
+        (late,) = [json.loads(m.payload) for m in subscriber.wait_for("verdict", 1)]
+        camera.start()
+        wait_until(lambda: info(subscriber)["camera"] == "up", what="info: camera up")
+        sent = send(subscriber, {"part_id": "D2", "trigger_id": "T-D2"})
+        verdicts = [json.loads(m.payload) for m in subscriber.wait_for("verdict", 2)]
+        wait_until(lambda: "T-D2" in retained_frames(tmp_path / "retention"), what="D2's frame retained")
+        text = scrape(metrics_port)
+    finally:
+        rc, _ = agent.terminate()
+        camera.stop()
+    assert rc == 0, agent.stderr
+    assert (late["part_id"], late["trigger_id"], late["result"]) == ("D1", "T-D1", "ERROR")
+    assert "trigger.deadline_s = 2 s" in late["error"] and late["frame_age_s"] is None
+    validate(late)
+    assert [(v["trigger_id"], v["result"]) for v in verdicts[1:]] == [("T-D2", "OK")], \
+        "the expired trigger is never matched to the frame the camera sends when it comes back"
+    _, png = retained_frames(tmp_path / "retention")["T-D2"]
+    assert read_stamp(cv2.imread(str(png))) / 1000 >= sent - 0.001
+    assert len(subscriber.on("verdict")) == 2
+    assert metric(text, 'edge_agent_errors_total{stage="trigger_deadline"}') == 1
+    assert metric(text, "edge_agent_camera_up") == 1
+    assert agent.stderr.count("ready: station") == 1, "the model was loaded once: no restart loop"
+    reconnects = metric(text, "edge_agent_camera_reconnects_total")
+    print(f"\nDEADLINE: camera missing at start, {reconnects:g} reconnect attempts; trigger D1 answered ERROR after "
+          f"the 2 s deadline ({late['error']!r}); D2 after the camera came up: OK on a frame sent after it")
