@@ -262,7 +262,7 @@ class Pipeline:
         self.stop.set()
 
     def _on_camera(self, up: bool) -> None:
-        if self.watchdog is not None:
+        if self.watchdog is not None and self.fatal is None:
             # A camera outage or an idle trigger wait is no reason for systemd to restart us.
             self.watchdog.idle_ok(not up or (self.triggered and self.pending.idle()))
         publish_info = getattr(self.publisher, "publish_info", None)

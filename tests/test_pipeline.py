@@ -312,3 +312,31 @@ def test_an_unreadable_frame_gets_an_error_verdict_even_with_retention_on(tmp_pa
     assert (verdict["result"], verdict["error"]) == ("ERROR", "unreadable frame: x.png")
     assert publisher.verdicts[0]["seq"] == 1 and not list(tmp_path.iterdir())
     validate(verdict)
+
+
+class RecordingWatchdog:
+    def __init__(self):
+        self.calls = []
+
+    def progress(self):
+        self.calls.append("progress")
+
+    def idle_ok(self, idle):
+        self.calls.append(("idle_ok", idle))
+
+    def stop(self, timeout=None):
+        self.calls.append("stop")
+
+
+def test_a_dead_capture_thread_stops_the_pipeline_and_the_watchdog_and_marks_it_fatal():
+    class Buggy(FakeSource):
+        def read(self):
+            raise RuntimeError("planted bug")
+
+    pipeline, _, _ = make_pipeline(source=Buggy(finite=False))
+    pipeline.watchdog = RecordingWatchdog()
+    pipeline.start()
+    assert pipeline.stop.wait(10)
+    assert pipeline.drain(10)
+    assert "capture thread died (RuntimeError: planted bug)" in pipeline.fatal
+    assert pipeline.watchdog.calls[-2:] == [("idle_ok", False), "stop"], "no more pings"

@@ -213,12 +213,13 @@ def test_every_trigger_is_judged_on_a_live_frame_sent_after_it_while_the_agent_i
         subscriber.wait_for("status", 1)
         wait_until(lambda: subscriber.on("status")[-1].payload == b"online", what="online")
         wait_until(lambda: re.search(r"camera stream \S+ up", agent.stderr), what="camera up")
-        for burst in range(4):
-            for i in range(3):
-                tid = f"B{burst}-{i}"
-                sent_at[tid] = send(subscriber, {"part_id": f"P{burst}{i}", "trigger_id": tid})
-            subscriber.wait_for("trigger/response", 3 * (burst + 1))
-            subscriber.wait_for("verdict", 3 * burst + 1)  # the next burst lands while the agent is busy
+        # A trigger every 5 camera frames (~5/s) against an agent that judges ~2/s: triggers keep arriving
+        # while inference is backlogged, which is when a blocked reader hands out frames from before them.
+        for i in range(12):
+            frames_before = camera.sent
+            wait_until(lambda: camera.sent >= frames_before + 5, what="5 more camera frames")
+            sent_at[f"T{i}"] = send(subscriber, {"part_id": f"P{i}", "trigger_id": f"T{i}"})
+        assert all(r["ok"] for r in (json.loads(m.payload) for m in subscriber.wait_for("trigger/response", 12)))
         verdicts = [json.loads(m.payload) for m in subscriber.wait_for("verdict", len(sent_at))]
         wait_until(lambda: len(retained_frames(tmp_path / "retention")) >= len(sent_at), what="retained frames")
     finally:
@@ -237,7 +238,7 @@ def test_every_trigger_is_judged_on_a_live_frame_sent_after_it_while_the_agent_i
         ages.append(verdict["frame_age_s"])
     assert all(a is not None and a >= 0 for a in ages)
     inference = [v["latency_s"]["inference"] for v in verdicts]
-    print(f"\nLIVE pairing: {len(verdicts)} triggers in bursts of 3, inference {min(inference):.2f}-"
+    print(f"\nLIVE pairing: {len(verdicts)} triggers, one per 5 camera frames, inference {min(inference):.2f}-"
           f"{max(inference):.2f} s/frame, camera {camera.sent} frames at 25 fps: every frame sent after its trigger "
           f"(by {min(leads) * 1000:.0f}-{max(leads) * 1000:.0f} ms); frame_age_s at pairing max "
           f"{max(ages) * 1000:.1f} ms")
@@ -286,3 +287,134 @@ def test_a_camera_missing_at_start_is_retried_and_a_trigger_past_its_deadline_ge
     reconnects = metric(text, "edge_agent_camera_reconnects_total")
     print(f"\nDEADLINE: camera missing at start, {reconnects:g} reconnect attempts; trigger D1 answered ERROR after "
           f"the 2 s deadline ({late['error']!r}); D2 after the camera came up: OK on a frame sent after it")
+
+
+@pytest.mark.integration
+def test_a_repeated_trigger_id_is_answered_with_the_first_verdict_never_inspected_twice(tmp_path, vae_model,
+                                                                                        mosquitto, subscriber):
+    slow = planted_model(vae_model, tmp_path / "slow.pt", spin=1500)
+    video = station_video(tmp_path / "parts.avi", 5)
+    metrics_port = free_port()
+    config = station_config(tmp_path, slow, mosquitto.port, uri=str(video), kind="file", loop=True, fps=20,
+                            metrics_port=metrics_port)
+    agent = RunningAgent(config)
+    try:
+        wait_until(lambda: subscriber.on("status") and subscriber.on("status")[-1].payload == b"online", what="online")
+        send(subscriber, {"part_id": "A1", "trigger_id": "T1"})
+        subscriber.wait_for("verdict", 1)
+        send(subscriber, {"part_id": "A1", "trigger_id": "T1"})  # a PLC retry after the verdict
+        subscriber.wait_for("verdict", 2)
+        send(subscriber, {"part_id": "A2", "trigger_id": "T2"})
+        send(subscriber, {"part_id": "A2", "trigger_id": "T2"})  # a retry while T2 is still being judged
+        verdicts = [json.loads(m.payload) for m in subscriber.wait_for("verdict", 4)]
+        responses = [json.loads(m.payload) for m in subscriber.wait_for("trigger/response", 4)]
+        text = scrape(metrics_port)
+    finally:
+        rc, _ = agent.terminate()
+    assert rc == 0, agent.stderr
+    assert [(r["trigger_id"], r.get("duplicate", False), r.get("verdict")) for r in responses] == [
+        ("T1", False, None), ("T1", True, "resent"), ("T2", False, None), ("T2", True, "pending")]
+    assert [(v["trigger_id"], v.get("duplicate", False)) for v in verdicts] == [
+        ("T1", False), ("T1", True), ("T2", False), ("T2", True)]
+    for first, again in (verdicts[0:2], verdicts[2:4]):
+        validate(again)
+        assert again == {**first, "duplicate": True, "published_at": again["published_at"]}, "the same verdict"
+    assert len(agent.printed()) == 2, "two inspections, not four"
+    assert metric(text, 'edge_agent_triggers_total{result="duplicate"}') == 2
+    assert metric(text, 'edge_agent_triggers_total{result="accepted"}') == 2
+    assert sum(metric(text, f'edge_agent_frames_total{{result="{r}"}}') for r in ("OK", "NG", "ERROR")) == 2
+    print("\nDUPLICATES: T1 repeated after its verdict -> verdict re-sent (duplicate: true, same message_id); "
+          "T2 repeated while judged -> answered when done; 4 triggers, 2 inspections, triggers_total{duplicate} 2")
+
+
+@pytest.mark.integration
+def test_recipes_pick_the_model_per_trigger_reject_unknown_ones_and_reload_on_sighup(tmp_path, vae_model, ae_model,
+                                                                                      mosquitto, subscriber):
+    video = station_video(tmp_path / "parts.avi", 5)
+    recipes = f"""
+[recipes.a]
+model = "{vae_model}"
+threshold = {THRESHOLD}
+[recipes.b]
+model = "{ae_model}"
+threshold = 99.0
+"""
+    config = station_config(tmp_path, vae_model, mosquitto.port, uri=str(video), kind="file", loop=True, fps=20,
+                            extra=recipes)
+    text = config.read_text().replace('mode = "triggered"', 'mode = "triggered"\ndefault_recipe = "a"')
+    config.write_text(text)
+    agent = RunningAgent(config)
+    try:
+        wait_until(lambda: subscriber.on("status") and subscriber.on("status")[-1].payload == b"online", what="online")
+        status = info(subscriber)
+        for body in ({"part_id": "P1", "trigger_id": "R1", "recipe": "a"},
+                     {"part_id": "P2", "trigger_id": "R2", "recipe": "b"},
+                     {"part_id": "P3", "trigger_id": "R3"},
+                     {"part_id": "P4", "trigger_id": "R4", "recipe": "zzz"}):
+            send(subscriber, body)
+        verdicts = [json.loads(m.payload) for m in subscriber.wait_for("verdict", 3)]
+        responses = [json.loads(m.payload) for m in subscriber.wait_for("trigger/response", 4)]
+        config.write_text(text.replace("threshold = 99.0", "threshold = 77.0"))
+        agent.proc.send_signal(__import__("signal").SIGHUP)
+        wait_until(lambda: "reloaded model" in agent.stderr, what="reload")
+        send(subscriber, {"part_id": "P5", "trigger_id": "R5", "recipe": "b"})
+        after = json.loads(subscriber.wait_for("verdict", 4)[-1].payload)
+    finally:
+        rc, _ = agent.terminate()
+    assert rc == 0, agent.stderr
+    assert status["boot_id"] == agent.boot_id() and status["mode"] == "triggered"
+    assert status["default_recipe"] == "a"
+    assert {n: r["model_id"] for n, r in status["recipes"].items()} == {"a": "vae", "b": "ae"}
+    assert all(r["checksum"].startswith("sha256:") or len(r["checksum"]) >= 32 for r in status["recipes"].values())
+    assert subscriber.on("status")[0].payload == b"online", "plain payload contract unchanged"
+    by_id = {v["trigger_id"]: v for v in verdicts}
+    assert set(by_id) == {"R1", "R2", "R3"}, "the unknown recipe got no inspection"
+    assert [(by_id[t]["model"]["id"], by_id[t]["threshold"]) for t in ("R1", "R2", "R3")] == [
+        ("vae", THRESHOLD), ("ae", 99.0), ("vae", THRESHOLD)]
+    refused = responses[3]
+    assert (refused["ok"], refused["reason"], refused["trigger_id"], refused["part_id"]) == (
+        False, "unknown_recipe", "R4", "P4")
+    assert "known recipes: ['a', 'b']" in refused["error"]
+    assert (after["trigger_id"], after["model"]["id"], after["threshold"]) == ("R5", "ae", 77.0)
+    print(f"\nRECIPES: a -> vae, b -> ae, none -> default a; 'zzz' refused ({refused['error']!r}); "
+          "SIGHUP reloaded recipe b's threshold 99 -> 77")
+
+
+# The daemon with one planted bug: the file source's 6th read raises. Everything else is the real agent.
+CAPTURE_BUG = """
+import sys
+from edge_agent import capture
+real_read, reads = capture.VideoFileSource.read, [0]
+def read(self):
+    reads[0] += 1
+    if reads[0] == 6:
+        raise RuntimeError("planted bug in the capture thread")
+    return real_read(self)
+capture.VideoFileSource.read = read
+from edge_agent.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.integration
+def test_the_agent_exits_non_zero_when_its_capture_thread_dies(tmp_path, vae_model, mosquitto, subscriber):
+    import subprocess
+    import sys
+
+    from tests.test_daemon import env
+
+    config = station_config(tmp_path, vae_model, mosquitto.port, uri=str(station_video(tmp_path / "p.avi", 3)),
+                            kind="file", loop=True, fps=20)
+    config.write_text(config.read_text().replace('mode = "triggered"', 'mode = "free-run"'))
+    done = subprocess.run([sys.executable, "-c", CAPTURE_BUG, "run", str(config), "--print-verdicts"], env=env(),
+                          capture_output=True, text=True, timeout=120)  # ends by itself, no signal sent
+    assert done.returncode == 1, done.stderr
+    assert "planted bug in the capture thread" in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("edge-agent: error: the capture thread died (RuntimeError: planted bug"), last
+    assert "systemd restarts" in last
+    printed = len(done.stdout.splitlines())
+    assert printed == 5, "the frames read before the bug were judged"
+    assert len(subscriber.wait_for("verdict", printed)) == printed, "and their verdicts delivered"
+    assert subscriber.wait_for("status", 2)[-1].payload == b"offline"
+    print(f"\nCAPTURE DEATH: bug on read 6 -> {printed} verdicts delivered, status offline, exit 1: {last!r}")
