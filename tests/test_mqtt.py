@@ -519,3 +519,26 @@ def test_tls_verifies_the_broker_certificate(tls_broker, make_publisher, tmp_pat
     wrong = make_publisher(port, outbox_dir=tmp_path / "b",
                            config={"client_id": "wrong-ca", "tls": {"enabled": True, "ca_file": d / "other-ca.pem"}})
     assert not wrong.wait_connected(1.0)
+
+
+@pytest.mark.integration
+def test_online_comes_after_the_trigger_subscription_so_a_trigger_sent_on_online_is_answered(mosquitto,
+                                                                                            make_publisher):
+    got = []
+    sub = Subscriber(mosquitto.port, TOPICS.status)
+    answers = Subscriber(mosquitto.port, TOPICS.trigger_response)
+
+    def trigger_on_online(client, userdata, msg):  # a PLC that triggers the moment it sees `online`
+        if msg.payload == b"online":
+            client.publish(TOPICS.trigger, b'{"part_id": "A1", "trigger_id": "first"}', qos=1)
+
+    sub.client.on_message = trigger_on_online
+    info = {"boot_id": "b00t", "mode": "triggered"}
+    pub = make_publisher(mosquitto.port, on_trigger=got.append, info=lambda: info)
+    (answer,) = [json.loads(m.payload) for m in answers.wait_for(1)]
+    assert (answer["ok"], answer["trigger_id"]) == (True, "first") and got[0].trigger_id == "first"
+    assert pub.online.is_set()
+    late = Subscriber(mosquitto.port, TOPICS.status_info)  # retained: a late reader sees it
+    assert json.loads(late.wait_for(1)[0].payload) == info
+    for s in (sub, answers, late):
+        s.close()
