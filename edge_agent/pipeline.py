@@ -2,8 +2,9 @@
 
 `capture:<source>` hands frames to a bounded queue (latest frame wins for live sources, drops
 counted; back-pressure for stored frames). In triggered mode the capture thread pairs a frame with
-a waiting trigger (triggers.Pending): a live frame only if its read began after the trigger arrived,
-and only when the queue has room, so a live source is never left unread. The one `infer` thread
+a waiting trigger (triggers.Pending): a live frame only if its read began after the trigger arrived;
+while the queue is full a paired live frame waits in a small backlog (one frame per outstanding
+trigger) instead of blocking, so a live source is never left unread. The one `infer` thread
 extracts patches, scores them, decides, renders the heatmap and hands the verdict to the
 publisher, which never blocks; it also answers expired triggers. Only this module knows threads and queues.
 """
@@ -18,6 +19,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -133,6 +135,9 @@ class Pipeline:
         self._next_due = 0.0  # monotonic time the next free-run frame may be taken (max_fps)
         self._first_frame = True
         self._warned_shapes: set[tuple] = set()
+        # Live frames already paired with a trigger, waiting for room in the queue (bounded by Pending).
+        self._backlog: deque[Frame] = deque()
+        self._backlog_lock = threading.Lock()
         self._errors_logged = 0
         self._infer = threading.Thread(target=self._infer_loop, name="infer", daemon=True)
 
@@ -150,13 +155,18 @@ class Pipeline:
         deadline = time.monotonic() + timeout_s
         if not self.capture.join(timeout_s):
             logger.error("capture thread did not end within %.0f s; draining without it", timeout_s)
-        while self._infer.is_alive():
-            try:
-                self.queue.put(_END, timeout=max(0.1, deadline - time.monotonic()))
-                break
-            except queue.Full:
-                if time.monotonic() > deadline:
+        with self._backlog_lock:  # held until _END is queued: nothing may follow it
+            while self._infer.is_alive():
+                item = self._backlog[0] if self._backlog else _END
+                try:
+                    self.queue.put(item, timeout=max(0.1, deadline - time.monotonic()))
+                except queue.Full:
+                    if time.monotonic() > deadline:
+                        break
+                    continue
+                if item is _END:
                     break
+                self._backlog.popleft()
         self._infer.join(max(0.1, deadline - time.monotonic()))
         self._answer_pending_triggers()
         if self._infer.is_alive():
@@ -290,10 +300,18 @@ class Pipeline:
         if self.triggered:
             trigger = self._take_trigger(frame, wait=back_pressure)
             if trigger is None:
-                return  # no part waiting for inspection (or no room now): this frame is not wanted
+                self._feed_backlog()
+                return  # no part waiting for inspection: this frame is not wanted
             captured_mono = frame.read_started_mono + frame.stage_s.get("capture", 0.0)
             frame = dataclasses.replace(frame, trigger=trigger,
                                         frame_age_s=max(0.0, time.monotonic() - captured_mono))
+            if self.capture.pace == "live":
+                # Never block a live source: the paired frame waits for room; the camera is read on.
+                with self._backlog_lock:
+                    self._backlog.append(frame)
+                self._feed_backlog()
+                self._taken()
+                return
             back_pressure = True  # a triggered frame is a PLC's request: never dropped
         elif self.config.inspection.max_fps > 0:
             period_s = 1.0 / self.config.inspection.max_fps
@@ -309,6 +327,9 @@ class Pipeline:
                 return
         else:
             self._put_latest(frame)
+        self._taken()
+
+    def _taken(self) -> None:
         self.accepted += 1
         if self.max_frames is not None and self.accepted >= self.max_frames:
             logger.info("%d frames taken (--frames); stopping", self.accepted)
@@ -343,16 +364,25 @@ class Pipeline:
 
     def _take_trigger(self, frame: Frame, wait: bool) -> Trigger | None:
         if self.capture.pace == "live":
-            # Never block a live source: while inference is busy the camera is still read (its buffers
-            # stay drained) and waiting triggers take a later frame, one whose read began after they arrived.
-            if self.queue.full():
-                return None
+            # Only a frame whose read began after the trigger arrived shows the part it was sent for.
             return self.pending.take(read_started=frame.read_started_mono)
         # Stored frames (file/folder replay) wait for the next trigger instead of running past it.
         while True:
             trigger = self.pending.take(wait_s=0.5 if wait else 0.0, stop=self.stop)
             if trigger is not None or not wait or self.stop.is_set():
                 return trigger
+
+    def _feed_backlog(self) -> None:
+        """Move paired live frames into the queue while it has room (capture and infer threads)."""
+        if not self._backlog or self.stop.is_set():
+            return  # after stop, drain() queues the rest before the end marker
+        with self._backlog_lock:
+            while self._backlog and not self.stop.is_set():
+                try:
+                    self.queue.put_nowait(self._backlog[0])
+                except queue.Full:
+                    return
+                self._backlog.popleft()
 
     def _put_waiting(self, frame: Frame) -> bool:
         while True:
@@ -389,7 +419,9 @@ class Pipeline:
                 # Short waits in triggered mode: a trigger's deadline is answered within ~0.2 s of passing.
                 item = self.queue.get(timeout=0.2 if self.triggered else 1.0)
             except queue.Empty:
+                self._feed_backlog()  # the camera may be down: nobody else moves the backlog on
                 continue
+            self._feed_backlog()
             if item is _END:
                 return
             try:

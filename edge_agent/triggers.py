@@ -170,12 +170,13 @@ class Pending:
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._waiting: list[_Entry] = []  # in arrival order
+        self._taken = 0  # paired with a frame (or expired), verdict not yet recorded
         self._cond = threading.Condition()
 
     def add(self, trigger: Trigger) -> tuple[State | None, dict[str, Any] | None]:
         """(None, None) for a new trigger; for a repeated trigger_id its state and, when done, its verdict.
 
-        Raises TriggerError when max_waiting triggers already wait for a frame.
+        Raises TriggerError when max_waiting triggers already wait for a frame or a verdict.
         """
         with self._cond:
             entry = self._entries.get(trigger.trigger_id)
@@ -183,8 +184,9 @@ class Pending:
                 if entry.state != "done":
                     entry.duplicates_waiting += 1
                 return entry.state, entry.verdict
-            if len(self._waiting) >= self.max_waiting:
-                raise TriggerError("busy", f"{self.max_waiting} triggers already wait for a frame; is the camera down?")
+            if len(self._waiting) + self._taken >= self.max_waiting:
+                raise TriggerError("busy", f"{self.max_waiting} triggers already wait for a frame or a verdict; "
+                                   "is the camera down or the PLC triggering faster than the agent judges?")
             arrived = trigger.arrived_mono or self._clock()
             entry = _Entry(replace(trigger, arrived_mono=arrived), arrived + self.deadline_s)
             self._entries[trigger.trigger_id] = entry
@@ -224,6 +226,7 @@ class Pending:
                         break
                     self._waiting.remove(entry)
                     entry.state = "taken"
+                    self._taken += 1
                     return entry.trigger
                 remaining = deadline - now
                 if remaining <= 0 or (stop is not None and stop.is_set()):
@@ -238,6 +241,7 @@ class Pending:
             for entry in gone:
                 self._waiting.remove(entry)
                 entry.state = "taken"
+            self._taken += len(gone)
             return [e.trigger for e in gone]
 
     def next_deadline(self) -> float | None:
@@ -250,6 +254,7 @@ class Pending:
             gone, self._waiting = self._waiting, []
             for entry in gone:
                 entry.state = "taken"
+            self._taken += len(gone)
             return [e.trigger for e in gone]
 
     def complete(self, trigger_id: str, verdict: dict[str, Any]) -> int:
@@ -258,6 +263,8 @@ class Pending:
             entry = self._entries.get(trigger_id)
             if entry is None:
                 return 0
+            if entry.state == "taken":
+                self._taken -= 1
             entry.state, entry.verdict = "done", verdict
             waiting, entry.duplicates_waiting = entry.duplicates_waiting, 0
             self._forget_old()
@@ -267,7 +274,7 @@ class Pending:
     def idle(self) -> bool:
         """No trigger waits for a frame or a verdict."""
         with self._cond:
-            return not self._waiting and all(e.state == "done" for e in self._entries.values())
+            return not self._waiting and self._taken == 0
 
 
 def duplicate_of(verdict: dict[str, Any]) -> dict[str, Any]:

@@ -247,11 +247,13 @@ def test_a_live_source_is_never_blocked_while_inference_is_busy():
     pipeline.trigger(Trigger("t1", "P1"))
     pipeline._on_frame(live_frame(1))
     pipeline.trigger(Trigger("t2", "P2"))
-    pipeline._on_frame(live_frame(2))  # the queue is full: returns at once, t2 waits for a later frame
-    assert pipeline.pending.waiting == 1
+    pipeline._on_frame(live_frame(2))  # the queue is full: returns at once; frame 2, read after t2, waits for room
+    assert pipeline.pending.waiting == 0 and pipeline.queue.qsize() == 1
     assert pipeline.queue.get_nowait().trigger.trigger_id == "t1"
-    pipeline._on_frame(live_frame(3))
-    assert pipeline.queue.get_nowait().trigger.trigger_id == "t2"
+    pipeline._on_frame(live_frame(3))  # the camera is read on; t2 keeps the frame taken right after it
+    paired = pipeline.queue.get_nowait()
+    assert (paired.trigger.trigger_id, paired.seq) == ("t2", 2)
+    assert pipeline.queue.empty()
 
 
 class DeadCamera(FakeSource):
@@ -340,3 +342,18 @@ def test_a_dead_capture_thread_stops_the_pipeline_and_the_watchdog_and_marks_it_
     assert pipeline.drain(10)
     assert "capture thread died (RuntimeError: planted bug)" in pipeline.fatal
     assert pipeline.watchdog.calls[-2:] == [("idle_ok", False), "stop"], "no more pings"
+
+
+def test_paired_live_frames_waiting_for_room_are_all_judged_at_shutdown():
+    slow = FakeScorer(score_fn=lambda x: (time.sleep(0.05), np.full(len(x), 0.25, np.float32))[1])
+    pipeline, publisher, _ = make_pipeline(scorer=slow, source=FakeSource(finite=False),
+                                           inspection={"mode": "triggered", "queue_size": 1})
+    pipeline._infer.start()
+    for i in range(1, 6):
+        pipeline.trigger(Trigger(f"t{i}", f"P{i}"))
+        pipeline._on_frame(live_frame(i))
+    pipeline.stop.set()
+    assert pipeline.drain(10)
+    assert [v["trigger_id"] for v in publisher.verdicts] == ["t1", "t2", "t3", "t4", "t5"]
+    assert [v["seq"] for v in publisher.verdicts] == [1, 2, 3, 4, 5]
+    assert all(v["result"] == "OK" and v["frame_age_s"] is not None for v in publisher.verdicts)
