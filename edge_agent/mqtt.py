@@ -43,7 +43,7 @@ from paho.mqtt.packettypes import PacketTypes
 from edge_agent.config import MqttConfig
 from edge_agent.errors import ConfigError
 from edge_agent.frames import Trigger
-from edge_agent.triggers import TokenBucket, TriggerDesk, TriggerError, parse_trigger  # noqa: F401 (re-exported)
+from edge_agent.triggers import TriggerDesk
 from edge_agent.outbox import Message, Outbox
 
 logger = logging.getLogger(__name__)

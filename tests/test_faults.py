@@ -300,7 +300,7 @@ def test_bad_config_or_model_is_one_line_and_exit_2(tmp_path, vae_model, capsys)
     print(f"\nFAULT bad_config: {len(_bad_setups(tmp_path, vae_model))} bad configs/models, each one line, exit 2")
 
 
-# 6. Trigger payloads against the running daemon; fuzzing parse_trigger is in test_mqtt.py
+# 6. Trigger payloads against the running daemon; fuzzing parse_trigger is in test_triggers.py
 
 
 @needs_mosquitto

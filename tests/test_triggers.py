@@ -1,12 +1,100 @@
-"""The trigger contract: the pending registry (deadline, de-duplication, pairing order) and the answers."""
+"""The trigger contract (edge_agent/triggers.py): parsing, the pending registry (deadline, de-duplication,
+pairing order) and the answers; then the same contract against the real daemon, mosquitto and a live camera."""
 
 import json
+import re
 import threading
+import time
+from pathlib import Path
 
+import cv2
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from edge_agent.broker import free_port
 from edge_agent.frames import Trigger
-from edge_agent.triggers import Pending, TriggerDesk, TriggerError, duplicate_of, readable_ids
+from edge_agent.triggers import (Pending, TokenBucket, TriggerDesk, TriggerError, duplicate_of, parse_trigger,
+                                 readable_ids)
+from tests.daemon_helpers import RunningAgent, planted_model, wait_until
+from tests.live_camera import LiveCamera, read_stamp
+from tests.test_daemon import THRESHOLD, Subscriber, metric, scrape, station_video, subscriber, validate  # noqa: F401
+
+
+# parse_trigger
+
+
+@pytest.mark.parametrize(
+    "payload, expected",
+    [
+        (b'{"part_id": "A1", "trigger_id": "t9"}', ("t9", "A1", None, None)),
+        (b'{"part_id": "A1", "trigger_id": "t9", "recipe": "r", "job_id": "j"}', ("t9", "A1", "r", "j")),
+        (b'{"part_id": "A1", "recipe": null, "job_id": null, "trigger_id": "t"}', ("t", "A1", None, None)),
+        ('{"part_id": "Ä-1", "trigger_id": "t"}'.encode(), ("t", "Ä-1", None, None)),
+    ],
+)
+def test_parse_trigger_accepts(payload, expected):
+    t = parse_trigger(payload, received_at=5.0)
+    assert (t.trigger_id, t.part_id, t.recipe, t.job_id, t.received_at) == (*expected, 5.0)
+
+
+def test_parse_trigger_generates_trigger_id():
+    a, b = parse_trigger(b'{"part_id": "A1"}'), parse_trigger(b'{"part_id": "A1", "trigger_id": null}')
+    assert len(a.trigger_id) == 32 and a.trigger_id != b.trigger_id
+
+
+@pytest.mark.parametrize(
+    "payload, reason, words",
+    [
+        (b"", "json", "not UTF-8 JSON"),
+        (b"{part_id: 1}", "json", "not UTF-8 JSON"),
+        (b"\xff\xfe", "json", "not UTF-8 JSON"),
+        (b"[" * 3000, "json", "not UTF-8 JSON"),
+        (b'"A1"', "type", "JSON object"),
+        (b'["A1"]', "type", "JSON object"),
+        (b"{}", "missing_part_id", "no part_id"),
+        (b'{"part_id": null}', "missing_part_id", "no part_id"),
+        (b'{"part_id": 5}', "type", "part_id must be a non-empty string"),
+        (b'{"part_id": ""}', "type", "non-empty string"),
+        (b'{"part_id": "A", "recipe": 1}', "type", "recipe"),
+        (b'{"part_id": "A", "partid": "B"}', "unknown_field", "valid fields"),
+        (b'{"part_id": "' + b"x" * 300 + b'"}', "type", "limit is 256"),
+        (b'{"part_id": "' + b"x" * 5000 + b'"}', "too_large", "limit is 4096"),
+    ],
+)
+def test_parse_trigger_rejects(payload, reason, words):
+    with pytest.raises(TriggerError, match=words) as e:
+        parse_trigger(payload)
+    assert e.value.reason == reason
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=10,
+)
+trigger_like = st.dictionaries(st.sampled_from(["part_id", "trigger_id", "recipe", "job_id", "x"]), json_values)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200) | trigger_like.map(lambda d: json.dumps(d).encode()))
+def test_parse_trigger_only_raises_trigger_error(payload):
+    try:
+        t = parse_trigger(payload)
+    except TriggerError:
+        return
+    assert isinstance(t, Trigger) and t.part_id and t.trigger_id
+
+
+def test_token_bucket_refills():
+    now = [0.0]
+    bucket = TokenBucket(2.0, 2.0, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(3)] == [True, True, False]
+    now[0] = 0.5
+    assert [bucket.take() for _ in range(2)] == [True, False]
+
+
+# the pending registry
 
 
 class Clock:
@@ -133,17 +221,6 @@ def test_the_desk_answers_accepted_duplicate_and_refused_triggers():
 
 
 # ---- against the real daemon, a real mosquitto and a real live camera (MJPEG over HTTP)
-
-import re  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import cv2  # noqa: E402
-
-from edge_agent.broker import free_port  # noqa: E402
-from tests.daemon_helpers import RunningAgent, planted_model, wait_until  # noqa: E402
-from tests.live_camera import LiveCamera, read_stamp  # noqa: E402
-from tests.test_daemon import THRESHOLD, Subscriber, metric, scrape, station_video, subscriber, validate  # noqa: E402,F401
 
 
 def station_config(tmp_path: Path, model: Path, broker_port: int, *, uri: str, kind: str = "url",
