@@ -184,7 +184,8 @@ class Pipeline:
         logger.warning("stopping with %d accepted triggers that saw no frame; publishing ERROR verdicts for them",
                        len(pending))
         for trig in pending:
-            self._unserved(trig, "the agent stopped before a frame was captured for this trigger; send the trigger again")
+            self._unserved(trig, "the agent stopped before a frame was captured for this trigger; send the trigger again",
+                           "capture")
 
     def _expire_triggers(self) -> None:
         for trig in self.pending.expired():
@@ -193,15 +194,15 @@ class Pipeline:
                             trig.part_id, self.config.trigger.deadline_s)
             self._unserved(trig, f"no frame within trigger.deadline_s = {self.config.trigger.deadline_s:g} s "
                                  f"(waited {waited_s:.1f} s; camera down or stalled?); the part was not inspected, "
-                                 "trigger again")
+                                 "trigger again", "trigger_deadline")
 
-    def _unserved(self, trig: Trigger, error: str) -> None:
+    def _unserved(self, trig: Trigger, error: str, stage: str) -> None:
         """The ERROR verdict for a trigger that got no frame (deadline passed, or shutdown)."""
         frame = Frame(self.capture.next_seq(), np.zeros((0, 0), np.uint8), captured_at=time.time(),
                       source=self.source.describe(), trigger=trig)
         scorer = self._model_for(trig).scorer
         verdict = self._verdict(frame, scorer, Decision(True, float("nan"), None, 0, 0, error), {}, False)
-        self.metrics.error("trigger_deadline" if "deadline" in error else "capture")
+        self.metrics.error(stage)
         self.metrics.frame_result("ERROR")
         if self.publisher is not None:
             self.publisher.publish_verdict(verdict, None)
