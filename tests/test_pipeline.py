@@ -357,3 +357,20 @@ def test_paired_live_frames_waiting_for_room_are_all_judged_at_shutdown():
     assert [v["trigger_id"] for v in publisher.verdicts] == ["t1", "t2", "t3", "t4", "t5"]
     assert [v["seq"] for v in publisher.verdicts] == [1, 2, 3, 4, 5]
     assert all(v["result"] == "OK" and v["frame_age_s"] is not None for v in publisher.verdicts)
+
+
+def test_a_trigger_past_its_deadline_gets_one_error_verdict_and_no_frame_later():
+    pipeline, publisher, metrics = make_pipeline(source=DeadCamera(n=0, finite=False),
+                                                 inspection={"mode": "triggered"}, trigger={"deadline_s": 0.5})
+    pipeline.start()
+    pipeline.trigger(Trigger("t1", "P1"))
+    deadline = time.monotonic() + 10
+    while not publisher.verdicts and time.monotonic() < deadline:
+        pipeline.stop.wait(0.01)
+    pipeline._on_frame(live_frame(99))  # the camera is back: the expired trigger must not take this frame
+    pipeline.stop.set()
+    assert pipeline.drain(5)
+    (v,) = publisher.verdicts
+    assert (v["trigger_id"], v["result"]) == ("t1", "ERROR") and "trigger.deadline_s = 0.5 s" in v["error"]
+    validate(v)
+    assert sample(metrics, "edge_agent_errors_total", stage="trigger_deadline") == 1
