@@ -34,6 +34,10 @@ class EndOfStream(Exception):
     """A finite, non-looping source has delivered its last frame."""
 
 
+class SourceUnusable(CameraError):
+    """A source that cannot work as configured (no GStreamer, no appsink): a config fix, not an outage to wait out."""
+
+
 class BadFrame(Exception):
     """One unreadable frame (a corrupt image file); counted and skipped, the source stays open."""
 
@@ -177,13 +181,13 @@ class GStreamerSource(_OpenCvSource):
 
     def open(self) -> None:
         if not gstreamer_available():
-            raise CameraError(
+            raise SourceUnusable(
                 f"source.kind = \"gstreamer\" but this OpenCV {cv2.__version__} was built without GStreamer "
                 "(cv2.getBuildInformation() says GStreamer: NO); install an OpenCV with GStreamer "
                 "(e.g. the distro's python3-opencv) or use kind = \"url\" / \"device\""
             )
         if "appsink" not in self.cfg.uri:
-            raise CameraError(
+            raise SourceUnusable(
                 f"GStreamer pipeline {self.cfg.uri!r} has no appsink; end it with '! videoconvert ! appsink'"
             )
         super().open()
@@ -358,7 +362,7 @@ class Capture:
             self.source.open()
             opened = True
         except CameraError as e:
-            if self.source.finite:
+            if self.source.finite or isinstance(e, SourceUnusable):
                 raise
             self._set_down(str(e))
             opened = False

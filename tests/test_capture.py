@@ -337,6 +337,9 @@ def test_missing_device_is_camera_error():
 def test_gstreamer_missing_is_clear_error():
     with pytest.raises(CameraError, match="built without GStreamer"):
         make_source(SourceConfig(kind="gstreamer", uri="videotestsrc ! appsink")).open()
+    cfg = SourceConfig(kind="gstreamer", uri="videotestsrc ! appsink")
+    with pytest.raises(CameraError, match="built without GStreamer"):  # a config fix, not retried like a camera
+        Capture(make_source(cfg), cfg, print, threading.Event()).start()
 
 
 @pytest.mark.skipif(not gstreamer_available(), reason="OpenCV built without GStreamer")
