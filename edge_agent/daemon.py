@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from edge_agent.metrics import Metrics
     from edge_agent.pipeline import Model, Pipeline
+    from edge_agent.state import StationState
 
 # The stage modules (torch, OpenCV) are imported where they are used, so that check-config of a
 # config with a typo answers at once.
@@ -101,6 +102,22 @@ def _serve_metrics(config: Config, metrics: Metrics, stack: contextlib.ExitStack
     stack.callback(server.shutdown)
 
 
+def _serve_page(config: Config, state: StationState, stack: contextlib.ExitStack) -> None:
+    from edge_agent.web import StationPage
+
+    web = config.web
+    if not web.enabled:
+        return
+    retention_dir = config.retention.dir if config.retention.enabled else None
+    page = StationPage(state, web.host, web.port, web.token(), retention_dir)
+    try:
+        page.start()
+    except OSError as e:
+        raise EdgeAgentError(f"station page {web.host}:{web.port}: {e.strerror}; "
+                             "set web.port to a free port or web.enabled = false") from None
+    stack.callback(page.stop)
+
+
 def run(config_path: Path, overrides: list[str] | None = None, max_frames: int | None = None,
         on_verdict: Callable[[dict[str, Any]], None] | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT, the end of a non-looping file, or max_frames; returns 0."""
@@ -111,6 +128,7 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
     from edge_agent.outbox import Outbox
     from edge_agent.pipeline import Pipeline
     from edge_agent.retention import Retention
+    from edge_agent.state import StationState
 
     overrides = overrides or []
     config = load_config(config_path, overrides)
@@ -120,12 +138,16 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
     check_fit(config, model)
     scorer = model.scorer
     metrics = Metrics(threshold=scorer.threshold)
-    _model_info(metrics, model)
+    state = StationState(config.station.id, config.station.name, config.web.recent,
+                         jpeg_quality=config.mqtt.heatmap_quality)
+    metrics.watch_health(state)
+    _model_info(metrics, model, state, config.model.threshold is not None)
     watchdog = systemd.Watchdog()
     boot_id = uuid.uuid4().hex[:12]
 
     with contextlib.ExitStack() as stack:
         _serve_metrics(config, metrics, stack)
+        _serve_page(config, state, stack)
         outbox = Outbox(config.outbox.dir, int(config.outbox.max_mb * 1024 * 1024))
         stack.callback(outbox.close)
         broker = start_embedded_if_needed(config.mqtt)
@@ -133,13 +155,14 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
             stack.callback(broker.stop)
         retention = Retention(config.retention) if config.retention.enabled else None
         pipeline = Pipeline(config, model, make_source(config.source), None, metrics, stop, watchdog=watchdog,
-                            retention=retention, boot_id=boot_id, max_frames=max_frames, on_verdict=on_verdict)
+                            retention=retention, boot_id=boot_id, max_frames=max_frames, on_verdict=on_verdict,
+                            state=state)
         publisher = MqttPublisher(config.mqtt, config.station.id, outbox, on_trigger=pipeline.trigger,
                                   on_delivered=pipeline.delivered, metrics=metrics)
         pipeline.publisher = publisher
         publisher.start()
         stack.callback(publisher.stop, config.outbox.flush_timeout_s)
-        reloader = _Reloader(config_path, overrides, config, pipeline, metrics)
+        reloader = _Reloader(config_path, overrides, config, pipeline, metrics, state)
         _install_signals(stop, reloader)
         pipeline.start()
         watchdog.start()
@@ -158,8 +181,11 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
     return 0
 
 
-def _model_info(metrics: Metrics, model: Model) -> None:
+def _model_info(metrics: Metrics, model: Model, state: StationState | None = None,
+                threshold_from_config: bool = False) -> None:
     s = model.scorer
+    if state is not None:
+        state.model(s, threshold_from_config)
     metrics.model_info(s.model_id, s.checksum, s.score_name, s.threshold, str(s.device),
                        str(s.dtype).removeprefix("torch."))
     metrics.calibration(s.threshold, s.card.get("thresholds", {}).get(s.score_name, {}).get("good_image_scores"))
@@ -184,12 +210,13 @@ class _Reloader:
     """
 
     def __init__(self, config_path: Path, overrides: list[str], config: Config, pipeline: Pipeline,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, state: StationState | None = None) -> None:
         self.config_path = config_path
         self.overrides = overrides
         self.config = config
         self.pipeline = pipeline
         self.metrics = metrics
+        self.state = state
         self._lock = threading.Lock()
 
     def request(self) -> None:
@@ -200,7 +227,7 @@ class _Reloader:
             systemd.reloading()
             try:
                 config = load_config(self.config_path, self.overrides)
-                for section in ("station", "source", "inspection", "mqtt", "outbox", "metrics", "retention"):
+                for section in ("station", "source", "inspection", "mqtt", "outbox", "metrics", "retention", "web"):
                     if getattr(config, section) != getattr(self.config, section):
                         logger.warning("reload: changes in [%s] take effect only after a restart", section)
                 model = load_model(config.model)
@@ -216,7 +243,7 @@ class _Reloader:
             finally:
                 systemd.ready()
             s = model.scorer
-            _model_info(self.metrics, model)
+            _model_info(self.metrics, model, self.state, config.model.threshold is not None)
             logger.info("reloaded model %s (checksum %s, %s, threshold %.6g)", s.model_id, s.checksum[:12],
                         s.score_name, s.threshold)
             return True

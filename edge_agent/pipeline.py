@@ -103,6 +103,7 @@ class Pipeline:
         boot_id: str | None = None,
         max_frames: int | None = None,
         on_verdict: Callable[[dict[str, Any]], None] | None = None,
+        state: Any = None,
     ) -> None:
         self.config = config
         self.model = model
@@ -115,6 +116,7 @@ class Pipeline:
         self.boot_id = boot_id or uuid.uuid4().hex[:12]
         self.max_frames = max_frames
         self.on_verdict = on_verdict
+        self.state = state  # state.StationState: what the station page shows
         self.station = config.station.id
         self.triggered = config.inspection.mode == "triggered"
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=config.inspection.queue_size)
@@ -386,6 +388,8 @@ class Pipeline:
             if self.triggered and not self._triggers:
                 self.watchdog.idle_ok(True)
         self._retain(frame, verdict)
+        if self.state is not None:
+            self.state.verdict(verdict, heatmap, frame.image)
         if self.on_verdict is not None:
             self.on_verdict(verdict)
         return verdict
