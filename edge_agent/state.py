@@ -111,7 +111,7 @@ class StationState:
             latency = list(self._latency_s)
             health = dict(self._health)
             changed = dict(self._changed_at)
-            model = dict(self._model)
+            model = dict(self._model) if self._model else None
             latest_view = self._view(latest) if latest else None
         inspected = sum(counts.values())
         recent = [t for t in arrivals if t >= now - RATE_WINDOW_S]
