@@ -14,7 +14,9 @@ import platform
 import signal
 import statistics
 import tempfile
+import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,6 +282,33 @@ def _daemon_run(config: Path, frames: int) -> list[tuple[float, dict[str, Any], 
     return got
 
 
+def _poll_page(port: int, stop: threading.Event, period_s: float, counts: dict[str, int]) -> None:
+    """What an open station page asks for, at period_s: the state, the new verdicts, the latest image."""
+    base, since = f"http://127.0.0.1:{port}", 0
+    while not stop.wait(period_s if counts["polls"] else 0.02):  # at once when the page comes up, then periodic
+        try:
+            with urllib.request.urlopen(base + "/api/state", timeout=5) as r:
+                state = json.loads(r.read())
+            if state["last_seq"] > since:
+                with urllib.request.urlopen(f"{base}/api/verdicts?since={since}", timeout=5) as r:
+                    r.read()
+                since = state["last_seq"]
+                if state["latest"]["image"]:
+                    with urllib.request.urlopen(base + state["latest"]["image"], timeout=5) as r:
+                        r.read()
+            counts["polls"] += 1
+        except (OSError, ValueError, KeyError):
+            counts["errors"] += 1  # before the page is up, after it stops
+
+
+def _rate(runs: list[tuple[float, dict[str, Any], float]]) -> tuple[float, float]:
+    """(steady frames/s between the first and the last verdict, mean infer-stage seconds after the first frame)."""
+    arrivals = [t for t, _, _ in runs]
+    fps = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else float("nan")
+    inference = [v["latency_s"].get("inference", float("nan")) for _, v, _ in runs]
+    return fps, sum(inference[1:]) / max(1, len(inference) - 1)
+
+
 def _pipeline(model: Path, frames: list[np.ndarray], root: Path, opts: BenchOptions,
               median_frame_s: float) -> dict[str, Any]:
     from edge_agent.broker import find_mosquitto, free_port
@@ -291,9 +320,24 @@ def _pipeline(model: Path, frames: list[np.ndarray], root: Path, opts: BenchOpti
             f'precision = "{opts.precision}"\nbatch_size = {opts.batch_size}\n[mqtt]\n{mqtt}\nheatmap = "all"\n'
             f'[outbox]\ndir = "{root / "outbox"}"\nflush_timeout_s = 2.0\n[metrics]\nenabled = false\n'
             f'[logging]\nlevel = "WARNING"\n')
+    no_page = "[web]\nenabled = false\n"
     config = root / "bench.toml"
-    config.write_text(base + f'[source]\nkind = "file"\nuri = "{video}"\nloop = true\n')
+    source = f'[source]\nkind = "file"\nuri = "{video}"\nloop = true\n'
+    config.write_text(base + no_page + source)
     runs = _daemon_run(config, max(2, opts.frames))
+    # The same run with the station page served and polled 4x as often as an open page polls.
+    page_port, poll_period_s, polls = free_port(), 0.25, {"polls": 0, "errors": 0}
+    config.write_text(base + f"[web]\nport = {page_port}\n" + source)
+    stop = threading.Event()
+    poller = threading.Thread(target=_poll_page, args=(page_port, stop, poll_period_s, polls), name="bench-page",
+                              daemon=True)
+    poller.start()
+    try:
+        polled = _daemon_run(config, max(2, opts.frames))
+    finally:
+        stop.set()
+        poller.join(10)
+    polled_fps, polled_in_run_s = _rate(polled)
     arrivals = [t for t, _, _ in runs]
     # Steady rate between the first and the last verdict: excludes start-up and the first frame.
     fps = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else float("nan")
@@ -304,7 +348,8 @@ def _pipeline(model: Path, frames: list[np.ndarray], root: Path, opts: BenchOpti
     stage_s = {k: statistics.median(v["latency_s"].get(k, 0.0) for _, v, _ in runs) for k in stages}
     # Low load: frames come at 1/1.5 of the scorer's rate, so none waits for another.
     period_s = 1.5 * median_frame_s
-    config.write_text(base + f'[source]\nkind = "file"\nuri = "{video}"\nloop = true\nfps = {1 / period_s:.6g}\n')
+    config.write_text(base + no_page + f'[source]\nkind = "file"\nuri = "{video}"\nloop = true\n'
+                      f'fps = {1 / period_s:.6g}\n')
     single = _daemon_run(config, max(2, opts.latency_frames))
     latency = [t - v["captured_at"] for t, v, _ in single]
     scoring = [v["latency_s"].get("inference", float("nan")) for _, v, _ in single]
@@ -333,6 +378,11 @@ def _pipeline(model: Path, frames: list[np.ndarray], root: Path, opts: BenchOpti
         "rss_frames": len(rss),
         "rss_mb_per_frame": [round(r, 1) for r in rss],
         "rss_mb_after_latency_run": single[-1][2],
+        # The station page's cost: the same pipeline run while a client polls the page every 0.25 s.
+        "page_polled_frames_per_s": polled_fps,
+        "page_polled_efficiency": polled_fps * polled_in_run_s,
+        "page_overhead": 1.0 - (polled_fps * polled_in_run_s) / (fps * in_run_s),
+        "page_polls": polls["polls"], "page_poll_period_s": poll_period_s,
     }
 
 
@@ -352,6 +402,8 @@ def summary(r: dict[str, Any]) -> str:
         f"max rel error {r[f'{red}_max_rel_score_error']:.2e}, verdicts identical: {r[f'{red}_verdicts_identical']}",
         f"pipeline           {r['pipeline_frames_per_s']:8.3f} frames/s = {r['pipeline_efficiency']:.0%} of scorer-only "
         f"({r['pipeline_publisher']})",
+        f"page polled 4/s    {r['page_polled_frames_per_s']:8.3f} frames/s = {r['page_polled_efficiency']:.0%} of "
+        f"scorer-only ({r['page_polls']} polls; overhead {r['page_overhead']:+.1%})",
         f"latency            p50 {r['latency_p50_s']:.3f} s, p99 {r['latency_p99_s']:.3f} s "
         f"(p99 {r['latency_over_scoring_p99']:.2f} x scoring)",
         f"rss growth         {r['rss_growth_mb']:+.1f} MB over {r['rss_frames']} frames",

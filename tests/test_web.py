@@ -197,3 +197,166 @@ def test_gallery_lists_retained_ng_frames_newest_first(fed_state, tmp_path):
         assert len(get_json(base + "/api/gallery?limit=1")["items"]) == 1
     finally:
         page.stop()
+
+
+# ---- the real daemon, a real mosquitto, a real headless chromium
+
+
+def chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+needs_chromium = pytest.mark.skipif(chromium() is None, reason="needs chromium (apt install chromium; "
+                                    "scripts/install.sh installs it when run as root)")
+
+
+def browse(url: str, tmp_path: Path, *args: str) -> str:
+    """One headless chromium run (its own profile); the page's scripts get 8 s of virtual time first."""
+    profile = tmp_path / f"chromium-profile-{time.monotonic_ns()}"
+    done = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           "--no-first-run", "--hide-scrollbars", f"--user-data-dir={profile}",
+                           "--virtual-time-budget=8000", *args, url],
+                          capture_output=True, text=True, timeout=BROWSER_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+class Dom(HTMLParser):
+    """Attributes and text of every element with an id, and the attributes of every .chip, from a DOM dump."""
+
+    VOID = {"img", "br", "meta", "input", "link", "hr"}
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.attrs: dict[str, dict[str, str]] = {}
+        self.text: dict[str, str] = {}
+        self.chips: list[dict[str, str]] = []
+        self.figures = 0
+        self._open: list[tuple[str, str | None]] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        a = {k: v or "" for k, v in attrs}
+        if "chip" in a.get("class", "").split():
+            self.chips.append(a)
+        self.figures += tag == "figure"
+        if tag == "body":
+            self.attrs["body"] = a
+        if "id" in a:
+            self.attrs[a["id"]] = a
+            self.text.setdefault(a["id"], "")
+        if tag not in self.VOID:
+            self._open.append((tag, a.get("id")))
+
+    def handle_endtag(self, tag):
+        while self._open:
+            if self._open.pop()[0] == tag:
+                break
+
+    def handle_data(self, data):
+        for _, element_id in self._open:
+            if element_id is not None:
+                self.text[element_id] += data
+
+
+@needs_chromium
+@pytest.mark.integration
+def test_a_real_browser_shows_the_defect_as_ng_with_its_overlay_and_the_broker_down(tmp_path, vae_model, mosquitto):
+    web_port = free_port()
+    video = station_video(tmp_path / "parts.avi", 6, defective={3})
+    config = write_config(tmp_path, vae_model, video, mosquitto.port, web_port=web_port, loop=True, fps=5)
+    agent = RunningAgent(config, "--set", "web.recent=1000")  # the NG the browser is sent to stays kept
+    base = f"http://127.0.0.1:{web_port}"
+    screenshot = tmp_path / "station-page.png"
+    try:
+        agent.wait_printed(4)
+        wait_until(lambda: any(r == "NG" for _, r, _ in agent.printed()), what="an NG verdict")
+        assert f"station page on {base}/" in agent.stderr
+        state = get_json(base + "/api/state")
+        validate_api(state, "state")
+        assert state["health"]["broker_connected"] is True and state["health"]["camera_up"] is True
+        assert state["model"]["threshold"] == THRESHOLD and state["model"]["calibration"]["method"] == "config"
+        page = get_json(base + "/api/verdicts?since=0")
+        validate_api(page, "verdicts")
+        ng = next(v for v in page["verdicts"] if v["verdict"]["result"] == "NG")
+        validate(ng["verdict"])
+        assert ng["image_kind"] == "heatmap" and ng["verdict"]["score"] > THRESHOLD
+        seq = ng["verdict"]["seq"]
+        status, headers, jpeg = get(base + ng["image"])
+        assert status == 200 and headers["X-Image-Kind"] == "heatmap"
+        assert cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR).shape == (128, 128, 3)
+
+        mosquitto.stop()
+        wait_until(lambda: get_json(base + "/api/state")["health"]["broker_connected"] is False,
+                   what="the page's health showing the broker down")
+        wait_until(lambda: get_json(base + "/api/state")["health"]["outbox_depth"] > 0,
+                   what="verdicts waiting in the outbox")
+        dom = Dom(browse(f"{base}/?seq={seq}", tmp_path, "--dump-dom"))
+        browse(f"{base}/?seq={seq}", tmp_path, f"--screenshot={screenshot}", "--window-size=1280,1000")
+    finally:
+        try:
+            rc, stop_s = agent.terminate()
+            print(f"agent stopped {stop_s:.1f} s after SIGTERM")
+        except subprocess.TimeoutExpired:
+            agent.proc.send_signal(6)  # SIGABRT: PYTHONFAULTHANDLER dumps every thread's stack
+            agent.proc.wait(30)
+            time.sleep(0.5)
+            raise AssertionError("the agent did not stop on SIGTERM:\n" + agent.stderr[-8000:])
+    assert rc == 0, agent.stderr
+    assert "Traceback" not in agent.stderr
+
+    assert dom.attrs["body"].get("data-ready") == "1", "the page's first poll completed"
+    assert dom.attrs["conn"]["data-ok"] == "true", dom.text["conn"]
+    assert dom.attrs["verdict"]["data-result"] == "NG" and dom.text["verdict"] == "NG"
+    img = dom.attrs["frame"]
+    assert img["src"] == f"/api/image/{seq}.jpg" and img["data-kind"] == "heatmap"
+    assert img.get("data-loaded") == str(seq), "the browser decoded the overlay JPEG"
+    assert "display: block" in dom.attrs["box"].get("style", ""), "the worst patch is boxed"
+    assert ng["verdict"]["message_id"] in dom.text["json"]
+    assert dom.attrs["h-broker"]["data-ok"] == "false" and "DISCONNECTED" in dom.text["h-broker"]
+    assert dom.attrs["h-camera"]["data-ok"] == "true" and dom.text["h-camera"] == "up"
+    assert dom.attrs["h-outbox"]["data-ok"] == "false"
+    assert {c["data-result"] for c in dom.chips} >= {"OK", "NG"}
+    assert dom.figures >= 1, "the NG gallery shows the retained defect"
+    assert dom.text["m-calibration"] == "model.threshold in the station config"
+
+    shot = cv2.imread(str(screenshot))
+    assert shot is not None and shot.shape == (1000, 1280, 3)
+    ng_red = np.all(np.abs(shot.astype(int) - (46, 34, 207)) < 12, axis=2)  # the NG banner, #cf222e
+    assert ng_red.sum() > 1000, "the screenshot shows the NG banner"
+    if os.environ.get("EDGE_AGENT_SCREENSHOT"):
+        shutil.copy(screenshot, os.environ["EDGE_AGENT_SCREENSHOT"])
+    print(f"station page screenshot: {screenshot}")
+
+
+@pytest.mark.integration
+def test_the_daemon_bound_off_loopback_asks_for_the_token_and_says_so(tmp_path, vae_model, mosquitto):
+    from tests.test_daemon import agent as agent_cmd
+    from tests.test_daemon import env
+
+    web_port = free_port()
+    config = write_config(tmp_path, vae_model, station_video(tmp_path / "parts.avi", 3), mosquitto.port,
+                          web_port=web_port, loop=True, fps=5)
+    open_off_loopback = subprocess.run(agent_cmd("check-config", str(config), "--set", "web.host=0.0.0.0"),
+                                       env=env(), capture_output=True, text=True, timeout=60)
+    assert open_off_loopback.returncode == 2
+    assert len(open_off_loopback.stderr.strip().splitlines()) == 1 and "web.auth_file" in open_off_loopback.stderr
+
+    token = tmp_path / "web-token"
+    token.write_text("s3cret\n")
+    agent = RunningAgent(config, "--set", "web.host=0.0.0.0", "--set", f'web.auth_file="{token}"')
+    base = f"http://127.0.0.1:{web_port}"
+    try:
+        agent.wait_printed(1)
+        wait_until(lambda: "station page on" in agent.stderr, what="the page's start line")
+        assert "needs the token" in agent.stderr
+        assert get(base + "/api/state")[0] == 401
+        assert get(base + "/", basic("operator", "wrong"))[0] == 401
+        assert get_json(base + "/api/state", {"Authorization": "Bearer s3cret"})["last_seq"] >= 1
+        assert get(base + "/", basic("operator", "s3cret"))[0] == 200
+    finally:
+        rc, _ = agent.terminate()
+    assert rc == 0, agent.stderr
