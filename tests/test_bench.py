@@ -27,6 +27,7 @@ def test_bench_tiny_json(tmp_path):
     assert r["bf16_max_rel_score_error"] < 1e-2
     assert r["bf16_verdicts_identical"] is True
     assert r["page_polled_frames_per_s"] > 0 and isinstance(r["page_polls"], int)
+    assert r["page_hook_us_per_verdict"] > 0 and r["page_server_cpu_ms_per_poll"] >= 0
 
 
 def test_bench_rejects_bad_device():
