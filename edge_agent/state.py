@@ -56,8 +56,8 @@ class StationState:
         """After each verdict (infer thread): O(1) under the lock, no copies of images, no encoding."""
         now = self._clock()
         result = verdict.get("result", "ERROR")
-        entry = _Entry(dict(verdict), heatmap_jpeg, image if heatmap_jpeg is None and image is not None
-                       and image.size else None)
+        keep_frame = heatmap_jpeg is None and image is not None and image.size > 0  # a page may ask to see it
+        entry = _Entry(dict(verdict), heatmap_jpeg, image if keep_frame else None)
         with self._lock:
             if self._recent:
                 self._recent[-1].image = None  # only the newest raw frame is held
@@ -144,7 +144,7 @@ class StationState:
         if since <= last:
             views = [v for v in views if v["verdict"]["seq"] > since]
         if limit is not None:
-            views = views[-limit:]
+            views = views[-limit:] if limit else []
         return {"version": STATE_VERSION, "last_seq": last, "verdicts": views}
 
     def image(self, seq: int) -> tuple[bytes, str] | None:

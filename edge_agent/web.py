@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import re
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -100,8 +101,7 @@ class StationPage:
         class Handler(_Handler):
             station_page = page
 
-        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
-        self._server.daemon_threads = True
+        self._server = (_Server6 if ":" in self.host else _Server)((self.host, self.port), Handler)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
                                         name="web", daemon=True)
@@ -121,8 +121,17 @@ class StationPage:
             self._server = None
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a stuck client never holds up the agent's shutdown
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class _Handler(BaseHTTPRequestHandler):
     station_page: StationPage
+    timeout = 30  # seconds a client may take to send its request
     server_version = "edge-agent"
     sys_version = ""
 

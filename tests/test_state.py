@@ -119,6 +119,7 @@ def test_an_unreadable_frame_has_no_image():
     (5, None, []),
     (9, None, [3, 4, 5]),  # since ahead of the agent: it restarted, so everything kept
     (0, 2, [4, 5]),
+    (0, 0, []),
 ])
 def test_verdicts_since(since, limit, seqs):
     state = StationState("st1", recent=3)

@@ -159,6 +159,21 @@ def test_read_only_and_no_way_out_of_the_retention_folder(fed_state, tmp_path):
         page.stop()
 
 
+def test_an_ipv6_loopback_bind_serves_the_page(fed_state):
+    import socket
+
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    page = StationPage(fed_state, "::1", 0)
+    port = page.start()
+    try:
+        assert get_json(f"http://[::1]:{port}/api/state")["last_seq"] == 3
+    finally:
+        page.stop()
+
+
 def test_api_answers_match_the_schema_and_images_come_back(fed_state):
     page = StationPage(fed_state, "127.0.0.1", 0)
     port = page.start()
