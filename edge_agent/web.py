@@ -112,6 +112,8 @@ class StationPage:
                         shown, self.port)
         elif is_loopback(self.host):
             logger.info("station page on http://%s:%d/ (read-only, loopback only, no token)", shown, self.port)
+        else:  # config.WebConfig refuses this; only a direct caller can get here
+            logger.warning("station page on http://%s:%d/ is open to the network without a token", shown, self.port)
         return self.port
 
     def stop(self) -> None:

@@ -375,3 +375,21 @@ def test_the_daemon_bound_off_loopback_asks_for_the_token_and_says_so(tmp_path, 
     finally:
         rc, _ = agent.terminate()
     assert rc == 0, agent.stderr
+
+
+@pytest.mark.integration
+def test_a_taken_page_port_stops_the_agent_with_one_line(tmp_path, vae_model):
+    import socket
+
+    from tests.test_daemon import agent as agent_cmd
+    from tests.test_daemon import env
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path, vae_model, station_video(tmp_path / "parts.avi", 2), free_port(),
+                              web_port=port)
+        done = subprocess.run(agent_cmd("run", str(config)), env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("edge-agent: error")]
+    assert len(errors) == 1 and f"station page 127.0.0.1:{port}" in errors[0] and "web.port" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
