@@ -102,12 +102,17 @@ def _serve_metrics(config: Config, metrics: Metrics, stack: contextlib.ExitStack
     stack.callback(server.shutdown)
 
 
-def _serve_page(config: Config, state: StationState, stack: contextlib.ExitStack) -> None:
+def _serve_page(config: Config, metrics: Metrics, model: Model, stack: contextlib.ExitStack) -> StationState | None:
+    """The station page's state, fed by the metrics' health hooks, and its server; None when web.enabled is off."""
+    from edge_agent.state import StationState
     from edge_agent.web import StationPage
 
     web = config.web
     if not web.enabled:
-        return
+        return None
+    state = StationState(config.station.id, config.station.name, web.recent, jpeg_quality=config.mqtt.heatmap_quality)
+    state.model(model.scorer, threshold_from_config=config.model.threshold is not None)
+    metrics.watch_health(state)
     retention_dir = config.retention.dir if config.retention.enabled else None
     page = StationPage(state, web.host, web.port, web.token(), retention_dir)
     try:
@@ -116,6 +121,7 @@ def _serve_page(config: Config, state: StationState, stack: contextlib.ExitStack
         raise EdgeAgentError(f"station page {web.host}:{web.port}: {e.strerror}; "
                              "set web.port to a free port or web.enabled = false") from None
     stack.callback(page.stop)
+    return state
 
 
 def run(config_path: Path, overrides: list[str] | None = None, max_frames: int | None = None,
@@ -128,7 +134,6 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
     from edge_agent.outbox import Outbox
     from edge_agent.pipeline import Pipeline
     from edge_agent.retention import Retention
-    from edge_agent.state import StationState
 
     overrides = overrides or []
     config = load_config(config_path, overrides)
@@ -138,16 +143,13 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
     check_fit(config, model)
     scorer = model.scorer
     metrics = Metrics(threshold=scorer.threshold)
-    state = StationState(config.station.id, config.station.name, config.web.recent,
-                         jpeg_quality=config.mqtt.heatmap_quality)
-    metrics.watch_health(state)
-    _model_info(metrics, model, state, config.model.threshold is not None)
+    _model_info(metrics, model)
     watchdog = systemd.Watchdog()
     boot_id = uuid.uuid4().hex[:12]
 
     with contextlib.ExitStack() as stack:
         _serve_metrics(config, metrics, stack)
-        _serve_page(config, state, stack)
+        state = _serve_page(config, metrics, model, stack)
         outbox = Outbox(config.outbox.dir, int(config.outbox.max_mb * 1024 * 1024))
         stack.callback(outbox.close)
         broker = start_embedded_if_needed(config.mqtt)
@@ -155,15 +157,15 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
             stack.callback(broker.stop)
         retention = Retention(config.retention) if config.retention.enabled else None
         pipeline = Pipeline(config, model, make_source(config.source), None, metrics, stop, watchdog=watchdog,
-                            retention=retention, boot_id=boot_id, max_frames=max_frames, on_verdict=on_verdict,
-                            state=state)
+                            retention=retention, boot_id=boot_id, max_frames=max_frames, on_verdict=on_verdict)
         publisher = MqttPublisher(config.mqtt, config.station.id, outbox, on_trigger=pipeline.trigger,
                                   on_delivered=pipeline.delivered, metrics=metrics)
         pipeline.publisher = publisher
         publisher.start()
         stack.callback(publisher.stop, config.outbox.flush_timeout_s)
-        reloader = _Reloader(config_path, overrides, config, pipeline, metrics, state)
+        reloader = _Reloader(config_path, overrides, config, pipeline, metrics)
         _install_signals(stop, reloader)
+        pipeline.state = state
         pipeline.start()
         watchdog.start()
         stack.callback(watchdog.stop)
@@ -181,11 +183,8 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
     return 0
 
 
-def _model_info(metrics: Metrics, model: Model, state: StationState | None = None,
-                threshold_from_config: bool = False) -> None:
+def _model_info(metrics: Metrics, model: Model) -> None:
     s = model.scorer
-    if state is not None:
-        state.model(s, threshold_from_config)
     metrics.model_info(s.model_id, s.checksum, s.score_name, s.threshold, str(s.device),
                        str(s.dtype).removeprefix("torch."))
     metrics.calibration(s.threshold, s.card.get("thresholds", {}).get(s.score_name, {}).get("good_image_scores"))
@@ -210,13 +209,12 @@ class _Reloader:
     """
 
     def __init__(self, config_path: Path, overrides: list[str], config: Config, pipeline: Pipeline,
-                 metrics: Metrics, state: StationState | None = None) -> None:
+                 metrics: Metrics) -> None:
         self.config_path = config_path
         self.overrides = overrides
         self.config = config
         self.pipeline = pipeline
         self.metrics = metrics
-        self.state = state
         self._lock = threading.Lock()
 
     def request(self) -> None:
@@ -242,8 +240,10 @@ class _Reloader:
                 return False
             finally:
                 systemd.ready()
+            if self.pipeline.state is not None:
+                self.pipeline.state.model(model.scorer, threshold_from_config=config.model.threshold is not None)
             s = model.scorer
-            _model_info(self.metrics, model, self.state, config.model.threshold is not None)
+            _model_info(self.metrics, model)
             logger.info("reloaded model %s (checksum %s, %s, threshold %.6g)", s.model_id, s.checksum[:12],
                         s.score_name, s.threshold)
             return True

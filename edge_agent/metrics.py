@@ -43,6 +43,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, threshold: float | None = None) -> None:
         """`threshold` shapes the image-score buckets; build Metrics after the model is loaded to use it."""
+        self._health_listeners: list[Any] = []  # see watch_health
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.latency = Histogram(
@@ -92,7 +93,6 @@ class Metrics:
         self.triggers = Counter("edge_agent_triggers", "PLC triggers, by outcome.", ["result"], registry=r)
         self.errors = Counter("edge_agent_errors", "Steady-state errors, by stage.", ["stage"], registry=r)
         self.patches_scored_total = Counter("edge_agent_patches_scored", "Patches scored.", registry=r)
-        self._health_listeners: list[Any] = []
         # Known label values start at 0 so rate() and alerts work before the first event.
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)

@@ -103,12 +103,12 @@ class Pipeline:
         boot_id: str | None = None,
         max_frames: int | None = None,
         on_verdict: Callable[[dict[str, Any]], None] | None = None,
-        state: Any = None,
     ) -> None:
         self.config = config
         self.model = model
         self.source = source
         self.publisher = publisher
+        self.state: Any = None  # state.StationState, set by the daemon when the station page is served
         self.metrics = metrics
         self.stop = stop
         self.watchdog = watchdog
@@ -116,7 +116,6 @@ class Pipeline:
         self.boot_id = boot_id or uuid.uuid4().hex[:12]
         self.max_frames = max_frames
         self.on_verdict = on_verdict
-        self.state = state  # state.StationState: what the station page shows
         self.station = config.station.id
         self.triggered = config.inspection.mode == "triggered"
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=config.inspection.queue_size)

@@ -23,11 +23,11 @@ def test_bench_tiny_json(tmp_path):
                 "threads", "load_average"):
         assert key in r, key
     assert set(r["scorer_patches_per_s"]) == {"fp32", "bf16"}
+    assert r["page_polled_frames_per_s"] > 0 and isinstance(r["page_polls"], int)
+    assert r["page_hook_us_per_verdict"] > 0 and r["page_server_cpu_ms_per_poll"] >= 0
     assert r["patches_per_frame"] == 49 and r["pipeline_frames"] == 3 and r["latency_frames"] == 2
     assert r["bf16_max_rel_score_error"] < 1e-2
     assert r["bf16_verdicts_identical"] is True
-    assert r["page_polled_frames_per_s"] > 0 and isinstance(r["page_polls"], int)
-    assert r["page_hook_us_per_verdict"] > 0 and r["page_server_cpu_ms_per_poll"] >= 0
 
 
 def test_bench_rejects_bad_device():
