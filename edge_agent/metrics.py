@@ -41,9 +41,10 @@ def score_buckets(threshold: float | None) -> tuple[float, ...]:
 class Metrics:
     """The daemon's metrics; `registry=None` creates a private registry (never the global one)."""
 
+    _health_listeners: tuple[Any, ...] = ()  # watch_health(); camera, broker and outbox changes go to them too
+
     def __init__(self, registry: CollectorRegistry | None = None, threshold: float | None = None) -> None:
         """`threshold` shapes the image-score buckets; build Metrics after the model is loaded to use it."""
-        self._health_listeners: list[Any] = []  # see watch_health
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.latency = Histogram(
@@ -106,7 +107,7 @@ class Metrics:
 
     def watch_health(self, listener: Any) -> None:
         """Also hand camera_up, broker_connected and outbox_depth to listener (the station page's state)."""
-        self._health_listeners.append(listener)
+        self._health_listeners = (*self._health_listeners, listener)
 
     # Capture
     def camera_up(self, up: bool) -> None:

@@ -33,7 +33,7 @@ class Clock:
 
 def verdict(seq: int, result: str = "OK", captured_at: float = 1000.0, score: float | None = 0.5) -> dict:
     """A verdict document as the pipeline builds it (deploy/verdict.schema.json)."""
-    return {
+    doc = {
         "version": 1, "station": "st1", "seq": seq, "message_id": f"st1:boot1:{seq}", "captured_at": captured_at,
         "part_id": None, "trigger_id": None, "recipe": None, "job_id": None, "result": result,
         "anomalous": result != "OK", "score": None if result == "ERROR" else score, "threshold": 0.75,
@@ -43,6 +43,9 @@ def verdict(seq: int, result: str = "OK", captured_at: float = 1000.0, score: fl
         "model": {"id": "tiny", "checksum": "sha256:" + "0" * 64}, "latency_s": {"inference": 0.01},
         "heatmap": result == "NG",
     }
+    if "error_reason" in VERDICT_SCHEMA["properties"]:  # the ERROR reasons (issue 12b) where the schema has them
+        doc["error_reason"] = "internal" if result == "ERROR" else None
+    return doc
 
 
 def frame(value: int = 100) -> np.ndarray:
