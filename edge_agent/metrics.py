@@ -41,8 +41,6 @@ def score_buckets(threshold: float | None) -> tuple[float, ...]:
 class Metrics:
     """The daemon's metrics; `registry=None` creates a private registry (never the global one)."""
 
-    _health_listeners: tuple[Any, ...] = ()  # watch_health(); camera, broker and outbox changes go to them too
-
     def __init__(self, registry: CollectorRegistry | None = None, threshold: float | None = None) -> None:
         """`threshold` shapes the image-score buckets; build Metrics after the model is loaded to use it."""
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -104,6 +102,8 @@ class Metrics:
             self.dropped_total.labels(reason=reason)
         for result in ("accepted", "rejected"):
             self.triggers.labels(result=result)
+
+    _health_listeners: tuple[Any, ...] = ()  # camera, broker and outbox changes go to these too
 
     def watch_health(self, listener: Any) -> None:
         """Also hand camera_up, broker_connected and outbox_depth to listener (the station page's state)."""
