@@ -327,7 +327,7 @@ def test_a_real_browser_shows_the_defect_as_ng_with_its_overlay_and_the_broker_d
     assert dom.attrs["conn"]["data-ok"] == "true", dom.text["conn"]
     assert dom.attrs["verdict"]["data-result"] == "NG" and dom.text["verdict"] == "NG"
     img = dom.attrs["frame"]
-    assert img["src"] == f"/api/image/{seq}.jpg" and img["data-kind"] == "heatmap"
+    assert img["src"] == f"{base}/api/image/{seq}.jpg" and img["data-kind"] == "heatmap"
     assert img.get("data-loaded") == str(seq), "the browser decoded the overlay JPEG"
     assert "display: block" in dom.attrs["box"].get("style", ""), "the worst patch is boxed"
     assert ng["verdict"]["message_id"] in dom.text["json"]
@@ -345,6 +345,22 @@ def test_a_real_browser_shows_the_defect_as_ng_with_its_overlay_and_the_broker_d
     if os.environ.get("EDGE_AGENT_SCREENSHOT"):
         shutil.copy(screenshot, os.environ["EDGE_AGENT_SCREENSHOT"])
     print(f"station page screenshot: {screenshot}")
+
+
+@needs_chromium
+def test_a_browser_with_basic_auth_gets_the_live_page_off_loopback(fed_state, tmp_path):
+    page = StationPage(fed_state, "0.0.0.0", free_port(), token="s3cret")
+    port = page.start()
+    try:
+        refused = Dom(browse(f"http://127.0.0.1:{port}/", tmp_path, "--dump-dom"))
+        # The credentials of the address are the browser's basic auth; its fetch() calls reuse them.
+        dom = Dom(browse(f"http://operator:s3cret@127.0.0.1:{port}/", tmp_path, "--dump-dom"))
+    finally:
+        page.stop()
+    assert "verdict" not in refused.attrs, "without the token the page is not served"
+    assert dom.attrs["body"].get("data-ready") == "1" and dom.attrs["conn"]["data-ok"] == "true"
+    assert dom.attrs["verdict"]["data-result"] == "OK" and dom.attrs["h-broker"]["data-ok"] == "false"
+    assert [c["data-result"] for c in dom.chips] == ["OK", "NG", "OK"]
 
 
 @pytest.mark.integration
