@@ -279,7 +279,9 @@ class Dom(HTMLParser):
 
 @needs_chromium
 @pytest.mark.integration
-def test_a_real_browser_shows_the_defect_as_ng_with_its_overlay_and_the_broker_down(tmp_path, vae_model, mosquitto):
+def test_a_real_browser_shows_the_defect_as_ng_with_its_overlay_and_the_broker_down(tmp_path, vae_model, mosquitto,
+                                                                                    monkeypatch):
+    monkeypatch.setenv("PYTHONFAULTHANDLER", "1")  # a hang at shutdown is answered with every thread's stack
     web_port = free_port()
     video = station_video(tmp_path / "parts.avi", 6, defective={3})
     config = write_config(tmp_path, vae_model, video, mosquitto.port, web_port=web_port, loop=True, fps=5)
