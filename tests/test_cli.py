@@ -62,7 +62,7 @@ def test_evaluate_report(capsys, vae_model, ae_model, station, tmp_path):
     report = json.loads((tmp_path / "r/report.json").read_text())
     assert [m["family"] for m in report["models"]] == ["vae", "ae"]
     vae = report["models"][0]["scores"]
-    assert set(vae) == {"m", "elbo", "d", "a"}
+    assert set(vae) == {"m", "elbo", "d", "a", "m_map"}
     assert 0 <= vae["m"]["image_auroc"] <= 1 and 0 <= vae["m"]["pixel_auroc"] <= 1
     assert (tmp_path / "r/roc.png").stat().st_size > 1000 and (tmp_path / "r/histograms.png").exists()
     assert "image AUROC" in out

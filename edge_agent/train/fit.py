@@ -444,7 +444,7 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
     smooth: list[torch.Tensor] = []
     grids: list[Any] = []
     used: list[Path] = []
-    with Progress(len(files), "threshold", enabled=opts.progress) as bar, torch.inference_mode():
+    with Progress(len(files), "threshold", enabled=opts.progress) as bar:
         for i, f in enumerate(files):
             done = len(position_files) + len(used)
             if done >= MIN_HOLDOUT and time.monotonic() - t0 > budget_s:
