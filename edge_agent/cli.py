@@ -190,13 +190,14 @@ def calibrate(
     report: Annotated[Optional[Path], typer.Option(help="Write calibration.json, histograms.png (and roc.png) here.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    precision: Annotated[str, typer.Option(help="fp32, bf16, fp16 or auto: score as the station will (model.precision); recorded with the threshold.")] = "fp32",
 ) -> None:
     """Set the threshold from good images (false-reject bound) or with defects (F1, Youden, recall); writes the card."""
     from edge_agent.calibrate_cmd import run_calibration
 
     summary = run_calibration(model, good, defect, masks, score_name, method, target_frr, target_recall, confidence,
                               ignore_mask, strict, dry_run, report, device, not quiet,
-                              warn=lambda msg: typer.echo(f"edge-agent: warning: {msg}", err=True))
+                              warn=lambda msg: typer.echo(f"edge-agent: warning: {msg}", err=True), precision=precision)
     typer.echo(summary)
 
 

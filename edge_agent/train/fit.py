@@ -25,7 +25,7 @@ from edge_agent.images import file_hashes, fingerprint, list_images, read_image
 from edge_agent.patches import MIN_PATCH_SIZE, to_tensor
 from edge_agent.progress import Progress
 from edge_agent.scoring import cpu_has_bf16, pick_device
-from edge_agent.train.nets import AE, VAE, ConvDecoder, fold_decoder_batchnorm
+from edge_agent.train.nets import AE, VAE, ConvDecoder, fold_decoder_batchnorm, subpixel_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def export(model: nn.Module, opts: TrainOptions, out: Path, frame_h: int, frame_
     way an artifact is made."""
     model.eval().cpu()
     if isinstance(getattr(model, "decoder", None), ConvDecoder):
-        model = fold_decoder_batchnorm(model)
+        model = subpixel_decoder(fold_decoder_batchnorm(model))  # the output deconv as a conv (PERFORMANCE.md)
     scripted = torch.jit.script(model)
     scores: dict[str, Any] = {"names": list(model.score_names), "default": model.default_score, "pixel_map": True,
                               "higher_is_anomalous": True}
