@@ -270,6 +270,7 @@ def bench(
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads; default: torch's (physical cores).")] = None,
     precision: Annotated[str, typer.Option(help="Precision of the pipeline and latency runs: fp32, bf16 or fp16.")] = "fp32",
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny model and 128x128 frames: a smoke run, not a measurement.")] = False,
+    train_steps: Annotated[int, typer.Option(min=0, help="Timed VAE train steps per precision (0 = skip training throughput).")] = 3,
 ) -> None:
     """Measure matmul, scorer (fp32, bf16), the daemon pipeline, latency and memory on this machine."""
     from edge_agent.bench import BenchOptions, run_bench, summary, to_json
@@ -280,7 +281,7 @@ def bench(
         raise DataError(f"--precision {precision!r} must be fp32, bf16 or fp16")
     result = run_bench(BenchOptions(model=model, device=device, frames=frames, latency_frames=latency_frames,
                                     test_frames=test_frames, repeats=repeats, batch_size=batch_size,
-                                    threads=threads, precision=precision, tiny=tiny))
+                                    threads=threads, precision=precision, tiny=tiny, train_steps=train_steps))
     typer.echo(to_json(result) if json_out else summary(result))
 
 
