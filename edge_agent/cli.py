@@ -95,6 +95,8 @@ def train(
                         crops_per_image=crops_per_image, gamma_steps=gamma_steps, lam=lam, refine_steps=refine_steps,
                         search_lr=search_lr, latent_search=latent_search, threshold_images=threshold_images)
     card = fit(data_dir, out, opts)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 wrote the file and reports it
+        return
     t = card["training"]
     th = card["thresholds"][card["scores"]["default"]]
     typer.echo(f"wrote {out}: {card['family']} P={opts.patch_size} S={opts.stride}, {t['steps']} steps in "

@@ -25,6 +25,7 @@ from edge_agent.images import file_hashes, fingerprint, list_images, read_image
 from edge_agent.patches import MIN_PATCH_SIZE, to_tensor
 from edge_agent.progress import Progress
 from edge_agent.scoring import cpu_has_bf16, pick_device
+from edge_agent.train import distributed
 from edge_agent.train.nets import AE, VAE, ConvDecoder, fold_decoder_batchnorm, subpixel_decoder
 
 logger = logging.getLogger(__name__)
@@ -139,12 +140,16 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
         raise DataError(f"--patch-size {opts.patch_size} is below {MIN_PATCH_SIZE}; use 16 or more")
     if opts.model not in FAMILIES:
         raise DataError(f"unknown model family {opts.model!r}; choose one of: {', '.join(FAMILIES)}")
+    world = distributed.init(opts.device)  # torchrun: one process per device; otherwise a single process
+    distributed.check(world, opts.model, opts.batch_size)
     torch.manual_seed(opts.seed)
     files, images = load_good_images(data_dir, opts.channels, opts.patch_size)
-    device = pick_device(opts.device)
+    device = distributed.place(world, pick_device(opts.device))
     use_bf16 = opts.model in ("vae", "ae") and (opts.precision == "bf16" or (
         opts.precision == "auto" and (device.type == "cuda" or cpu_has_bf16())))
-    sampler = CropSampler(images, opts.patch_size, opts.seed)
+    sampler = CropSampler(images, opts.patch_size, distributed.rank_seed(opts.seed, world))
+    if world.size > 1:
+        sampler = distributed.ShardedSampler(sampler, world)
 
     h, w = images[0].shape[1:]
     per_image = (math.floor((h - opts.patch_size) / opts.stride) + 1) * (math.floor((w - opts.patch_size) / opts.stride) + 1)
@@ -159,7 +164,7 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
         model, training = _fit_anogan(sampler, device, total_steps, steps_per_epoch, budget_s, opts)
     else:
         model = build_model(opts).to(device)
-        training = _fit_gradient(model, sampler, device, use_bf16, total_steps, steps_per_epoch, budget_s, opts)
+        training = _fit_gradient(model, sampler, device, use_bf16, total_steps, steps_per_epoch, budget_s, opts, world)
     seconds = time.monotonic() - t0
 
     training = {
@@ -167,13 +172,20 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
         "image_hashes": file_hashes(files),
         **training,
         "seconds": round(seconds, 1), "seed": opts.seed, "device": str(device),
-        "autocast": "bf16" if use_bf16 else "fp32",
+        "autocast": "bf16" if use_bf16 else "fp32", "processes": world.size,
     }
+    if not world.main:  # rank 0 exports and sets the threshold; the others return its card
+        distributed.barrier(world)
+        distributed.finish(world)
+        return artifact.verify(out)
     export(model, opts, out, int(h), int(w), training)
     if opts.threshold_images and opts.threshold_images < len(files):
         # AnoGAN's 100-step search costs minutes per image on a CPU; an evenly spaced subset keeps it affordable.
         files = [files[round(i * len(files) / opts.threshold_images)] for i in range(opts.threshold_images)]
-    return set_training_thresholds(out, files, progress=opts.progress)
+    card = set_training_thresholds(out, files, progress=opts.progress)
+    distributed.barrier(world)
+    distributed.finish(world)
+    return card
 
 
 def export(model: nn.Module, opts: TrainOptions, out: Path, frame_h: int, frame_w: int,
@@ -227,21 +239,23 @@ def architecture(model: nn.Module, opts: TrainOptions) -> dict[str, Any]:
 
 
 def _fit_gradient(model: nn.Module, sampler: CropSampler, device: torch.device, use_bf16: bool, total_steps: int,
-                  steps_per_epoch: int, budget_s: float, opts: TrainOptions) -> dict[str, Any]:
+                  steps_per_epoch: int, budget_s: float, opts: TrainOptions,
+                  world: distributed.World = distributed.SINGLE) -> dict[str, Any]:
     """The VAE/AE Adam loop; returns the card's training summary."""
     optim = torch.optim.Adam(model.parameters(), lr=opts.lr, betas=(0.9, 0.999), weight_decay=opts.weight_decay)
+    train_loss = distributed.loss_step(model, loss_fn, world, opts.seed)
     model.train()
     t0 = time.monotonic()
     step, ema, stopped_by = 0, None, "epochs"
-    with Progress(total_steps, "train", enabled=opts.progress) as bar:
+    with Progress(total_steps, "train", enabled=opts.progress and world.main) as bar:
         while step < total_steps:
             elapsed = time.monotonic() - t0
-            if elapsed >= budget_s:
+            if distributed.any_rank(world, elapsed >= budget_s):
                 stopped_by = "time budget"
                 break
             x = sampler.sample(opts.batch_size).to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = loss_fn(model, x)
+                loss = train_loss(x)
             if not torch.isfinite(loss):
                 raise DataError(f"training diverged at step {step} (loss {loss.item()}); lower --lr or check the images")
             optim.zero_grad(set_to_none=True)
