@@ -192,12 +192,23 @@ per core) and the elementwise score; a bf16 output layer would remove it but cos
 
 ### torch.compile / AOTInductor, and leaving TorchScript
 
-Measured on the same seed VAE, one thread, CPU time (`/tmp`-style exploration, not part of this run):
-torch.compile (Inductor, `freezing=True`, which prepacks bf16 oneDNN weights and fuses conv + ReLU)
-against the frozen TorchScript score above; see the "compile" line in the handback notes of issue 15
-for the numbers. The verdict: it did not beat the TorchScript path by a margin that matters on this CPU
-(both are oneDNN convolutions underneath), and it costs minutes of compilation at load on 2 cores, so
-the artifact stays TorchScript for now.
+Measured once on the same seed VAE (one thread, CPU time, one 128-patch batch, interleaved with the
+per-core matmul limit, load average ~9.5; a separate exploration, not part of the run above):
+`torch.compile` with Inductor `freezing=True` (which prepacks bf16 oneDNN weights and fuses conv + ReLU)
+against the frozen TorchScript score of the same export.
+
+| | fraction of own matmul, per core | compile time at load |
+|---|---|---|
+| TorchScript frozen, fp32 | 0.96 | (freezing: ~1 s) |
+| Inductor, fp32 (deconv / sub-pixel output) | 0.96 / 0.92 | 14 s / 9 s |
+| TorchScript frozen, bf16 | 0.66 | |
+| Inductor, bf16 (deconv / sub-pixel output) | 0.71 / **0.77** | 48 s / 15 s |
+
+So Inductor buys nothing in fp32 and ~+15 % in bf16 on this CPU (both run oneDNN convolutions; Inductor
+adds prepacked bf16 weights and fused ReLUs), at tens of seconds of compilation per model load on 2
+cores. That is worth having, but not worth a new artifact format on its own; it comes with the
+migration below. (The same run put TorchScript bf16 at 0.66 where an earlier run of the identical
+artifact gave 0.83: per-core numbers on this machine still move by ~15 % between runs.)
 
 The migration path off TorchScript (deprecated in torch 2.13; `torch.jit.script` unsupported on
 Python 3.14), keeping the contract "one file, the card inside, the daemon never imports model classes":
