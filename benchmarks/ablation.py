@@ -25,7 +25,7 @@ from edge_agent.bench import SEED, export_seed, matmul_limit, station_frame, vae
 from edge_agent.scoring import Scorer
 from edge_agent.train import fit, nets
 
-# (label, artifact, Scorer settings); artifacts: unfolded = export before BN folding, folded = BN folded
+# (label, artifact, Scorer settings; batch 512, the previous default, unless said); artifacts: unfolded = export before BN folding, folded = BN folded
 # (the previous export), output = + the output deconv as a sub-pixel conv (the export now), all = every deconv.
 STEPS = [
     ("eager TorchScript, export without BN folding", "unfolded", dict(fast=False, channels_last=False)),
@@ -36,11 +36,15 @@ STEPS = [
     ("+ output deconv as a sub-pixel conv (the default now)", "output", dict()),
     ("every deconv as a sub-pixel conv", "all", dict()),
     ("sub-pixel output, with optimize_for_inference", "output", dict(mkldnn=True)),
+    ("+ batch 64 (the default now)", "output", dict(batch_size=64)),
     ("bf16: the previous default (folded, optimize_for_inference)", "folded", dict(mkldnn=True, precision="bf16")),
     ("bf16: without optimize_for_inference", "folded", dict(precision="bf16")),
     ("bf16: + output deconv as a sub-pixel conv (the default now)", "output", dict(precision="bf16")),
     ("bf16: every deconv as a sub-pixel conv", "all", dict(precision="bf16")),
     ("bf16: sub-pixel output, with optimize_for_inference", "output", dict(mkldnn=True, precision="bf16")),
+    ("bf16: + batch 32", "output", dict(precision="bf16", batch_size=32)),
+    ("bf16: + batch 64 (the default now)", "output", dict(precision="bf16", batch_size=64)),
+    ("bf16: + batch 128", "output", dict(precision="bf16", batch_size=128)),
 ]
 
 
@@ -70,7 +74,7 @@ def main() -> None:
     cpu = torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
         paths = export_variants(Path(tmp))
-        scorers = [Scorer(paths[art], device="cpu", threshold=0.0, batch_size=512, **kw) for _, art, kw in STEPS]
+        scorers = [Scorer(paths[art], device="cpu", threshold=0.0, **{"batch_size": 512, **kw}) for _, art, kw in STEPS]
         grid, patches = scorers[0].patches(station_frame(300_001, "random", 640, 480))
         patches = patches[: -(-grid.count // 2)]  # 438: one of the frame's two equal batches
         flops = vae_flops_per_patch(1, SEED["patch_size"], SEED["nc"], SEED["nz"]) * patches.shape[0]

@@ -83,7 +83,7 @@ for that precision, measured in the same run. Produced by `benchmarks/performanc
 | CPU | {b['device']}, {b['cpu_count']} cores, {b['threads']} torch threads, AVX-512 with avx512_bf16 (no AMX) |
 | torch | {b['torch']} |
 | load average (1, 5, 15 min) | bench: before `{load(b['uptime_before'])}`, after `{load(b['uptime_after'])}`; ablation: before `{load(a['uptime_before'])}`, after `{load(a['uptime_after'])}` |
-| command | `PYTHONPATH=. python benchmarks/performance.py` = `{' '.join(BENCH_CMD)}` (seed VAE, 640x480, P=96, S=16, batch 512, 3 repeats, 3 train steps) + `benchmarks/ablation.py` |
+| command | `PYTHONPATH=. python benchmarks/performance.py` = `{' '.join(BENCH_CMD)}` (seed VAE, 640x480, P=96, S=16, batch 64, 3 repeats, 3 train steps) + `benchmarks/ablation.py` |
 | model | {b['model']}: Nc=32, Nz=100, 1 channel, exported through `fit.export` like `edge-agent train` |
 
 **Load.** Five engineers share these 2 cores: the load average stayed far above 2 during the run,

@@ -268,7 +268,7 @@ def bench(
     test_frames: Annotated[int, typer.Option(min=2, help="Synthetic test frames (half defective) for fp32 vs bf16.")] = 6,
     repeats: Annotated[int, typer.Option(min=1, help="Best-of repeats for matmul and scorer timings.")] = 3,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    batch_size: Annotated[int, typer.Option(min=1, help="Patches per forward pass.")] = 512,
+    batch_size: Annotated[int, typer.Option(min=1, help="Patches per forward pass.")] = 64,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads; default: torch's (physical cores).")] = None,
     precision: Annotated[str, typer.Option(help="Precision of the pipeline and latency runs: fp32, bf16 or fp16.")] = "fp32",
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny model and 128x128 frames: a smoke run, not a measurement.")] = False,

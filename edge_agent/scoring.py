@@ -157,7 +157,7 @@ class Scorer:
     """A loaded, verified, warmed-up model. Not thread-safe: one inference thread owns it."""
 
     def __init__(self, path: Path | str, device: str = "auto", precision: str = "fp32",
-                 score_name: str | None = None, batch_size: int = 512, threshold: float | None = None,
+                 score_name: str | None = None, batch_size: int = 64, threshold: float | None = None,
                  warmup: bool = True, fast: bool = True, channels_last: bool = True, cuda_graphs: bool = True,
                  threads: int | None = None, mkldnn: bool = False):
         if threads is not None:
