@@ -135,6 +135,8 @@ bf16 = `torch.autocast("cpu", bfloat16)`, what `train --precision auto` uses on 
 |---|---|---|---|---|---|
 {train_rows}
 
+{"bf16 autocast did **not** help training in this run (" + f"x{t['bf16']['steps_per_s'] / t['fp32']['steps_per_s']:.2f}" + " the fp32 step rate): without AMX, autocast re-casts the weights every step and the bf16 backward convolutions gain less than the casts cost. `train --precision auto` picks bf16 on this CPU; `--precision fp32` is the faster choice here (fit.py's policy is left to its owner)." if t['bf16']['steps_per_s'] < t['fp32']['steps_per_s'] else "bf16 autocast sped the step up x" + f"{t['bf16']['steps_per_s'] / t['fp32']['steps_per_s']:.2f}" + "."}
+
 Crop sampling alone: {t['sampling_crops_per_s']:.0f} crops/s ({t['sampling_s_median'] * 1000:.1f} ms per batch of {t['batch_size']}),
 under 1 % of a step: data loading is not the bottleneck, and a DataLoader with workers would only add
 processes competing for the same cores. The fraction is against the wall-clock matmul limit of the
@@ -142,8 +144,8 @@ same run, so it carries the same load caveat as the scorer's wall-clock numbers.
 
 ## What each change bought (ablation, per core)
 
-`benchmarks/ablation.py`: one 438-patch batch of the station frame through the real `Scorer`, one
-setting changed per row, one thread, CPU time, best of {a['repeats']}, interleaved with the per-core
+`benchmarks/ablation.py`: half the station frame (438 patches) through the real `Scorer`, in one batch
+(batch size 512, the previous default) unless the row says otherwise, one setting changed per row, one thread, CPU time, best of {a['repeats']}, interleaved with the per-core
 matmul limits (fp32 {a['matmul_limit_gflops']['fp32']:.1f}, bf16 {a['matmul_limit_gflops']['bf16']:.1f} GFLOP/s). Each row's fraction is against its own
 precision's limit. Load average 1 min: {a['load_average_1m'][0]:.2f} before, {a['load_average_1m'][-1]:.2f} after.
 Rows within ~5 % of each other are not distinguishable at this load.
@@ -181,6 +183,12 @@ strided channels-last slice another ~6 %. So:
    already run on oneDNN. It also did not help fp32 (ablation rows above).
 3. **`VAE.decode` makes the output contiguous** before sigmoid/softplus: the channel slices of a
    channels-last 2-channel map are stride-2 and the elementwise kernels ran scalar on them.
+4. **Batch 64 by default** (`model.batch_size`, was 512): without the oneDNN blocked layout the batch
+   size matters again. A 64-patch batch keeps the largest maps (32 x 48 x 48 per patch) near the
+   core's caches; at 438 every layer streams from memory. Found after the first full run of this
+   page (per core, same artifact: bf16 0.73-0.81 at batch 32-64 against 0.61-0.67 at 438, fp32
+   ~1.0 against ~0.8); the batch rows of the ablation show it in this run. A GPU wants larger
+   batches (256-1024): set `model.batch_size` there.
 
 Every decoder deconv as a sub-pixel conv (`subpixel_decoder(which="all")`, with the ReLU moved before
 the shuffle and a zero border handed to the next layer instead of a crop) is implemented and tested but
