@@ -109,13 +109,15 @@ fp32 matmul, which the fp32 scorer could beat: it was not the limit).
 | measure | wall clock ({b['threads']} threads) | per core (CPU time) | goal | |
 |---|---|---|---|---|
 | scorer fp32 | {b['scorer_patches_per_s']['fp32']:.0f} patches/s = {b['scorer_gflops']:.1f} GFLOP/s = **{pct(f32)}** of fp32 limit | {core['scorer_gflops']['fp32']:.1f} GFLOP/s = **{pct(c32)}** of fp32 | must not drop | see ablation |
-| scorer bf16 | {b['scorer_patches_per_s']['bf16']:.0f} patches/s = {b['bf16_gflops']:.1f} GFLOP/s = **{pct(f16)}** of bf16 limit | {core['scorer_gflops']['bf16']:.1f} GFLOP/s = **{pct(c16)}** of bf16 | >= 85 % | {goal(c16 >= 0.85)} per core, {goal(f16 >= 0.85)} wall clock |
+| scorer bf16 | {b['scorer_patches_per_s']['bf16']:.0f} patches/s = {b['bf16_gflops']:.1f} GFLOP/s = **{pct(f16)}** of bf16 limit | {core['scorer_gflops']['bf16']:.1f} GFLOP/s = **{pct(c16)}** of bf16 | >= 85 % | {goal(c16 >= 0.85)} (per core) |
 | bf16 speedup over fp32 | x{speed:.2f} | x{core['scorer_gflops']['bf16'] / core['scorer_gflops']['fp32']:.2f} | (x3.5 if both at 85 %) | |
 | bf16 max relative score error | {err:.2e} (mean {b['bf16_mean_rel_score_error']:.1e}) over {b['test_frames']['good'] + b['test_frames']['defect']} frames x {b['patches_per_frame']} patches | | <= 1e-3 | {goal(err <= 1e-3)} |
 | bf16 verdicts identical | {b['bf16_verdicts_identical']} at the bench threshold; {b['bf16_verdicts_identical_every_gap']} for a threshold in every gap between the frames' scores | | identical | {goal(b['bf16_verdicts_identical'] and b['bf16_verdicts_identical_every_gap'])} |
 | pipeline (real daemon, fp32) | {b['pipeline_frames_per_s']:.3f} frames/s = **{eff:.2f}** x scorer-only | | >= 0.95 | {goal(eff >= 0.95)} |
 | single-frame latency | p50 {b['latency_p50_s']:.2f} s, p99 {b['latency_p99_s']:.2f} s = **{lat:.2f}** x its scoring time | | <= 1.2 | {goal(lat <= 1.2)} |
 | RSS growth | {b['rss_growth_mb']:+.1f} MB over {b['rss_frames']} frames ({b['rss_mb_first']:.0f} -> {b['rss_mb_last']:.0f} MB) | | flat | |
+
+{"**Fractions above 100 %** (" + ", ".join(n for n, v in (("wall-clock fp32", f32), ("wall-clock bf16", f16), ("per-core fp32", c32), ("per-core bf16", c16)) if v > 1) + ") say the reference was not this machine's limit at that moment: on a machine loaded 3-5x beyond its cores, a matmul timed in a busy second and a scorer batch timed in a quieter one give any ratio; per core, the fp32 scorer at batch 64 runs at the fp32 GEMMs' rate (oneDNN's conv kernels are as good as its GEMM), so it can land within noise above 1. Only the per-core bf16 fraction, well below 1, is a statement about the scorer. On a quiet machine the wall-clock fractions are the ones to use." if max(f32, f16, c32, c16) > 1 else "Every fraction is at most 100 %: the reference is the limit."}
 
 FLOPs: {b['flops_per_patch'] / 1e6:.1f} MFLOP per patch, {b['flops_per_frame'] / 1e12:.3f} TFLOP per {b['patches_per_frame']}-patch
 frame (multiply-adds x 2 of the model as trained, from `bench.vae_flops_per_patch`: five 4x4/2 convs
@@ -159,7 +161,7 @@ Rows within ~5 % of each other are not distinguishable at this load.
 
 
 def notes(b: dict, stage_rows: str) -> str:
-    return f"""### Where the bf16 time went, and the three changes
+    return f"""### Where the bf16 time went, and the four changes
 
 Profiled on one thread (torch profiler, one 128-patch batch, the frozen bf16 score as issue 7 left it):
 the encoder convs and the four inner deconvs each ran near the bf16 matmul rate (oneDNN runs bf16
