@@ -222,6 +222,7 @@ def write_dataset(out: Path, n_train: int = 200, n_calib: int = 100, n_test_good
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
     make = KINDS[kind]
+    kinds: list[str] = []
     counts = {"train/good": n_train, "calib/good": n_calib, "test/good": n_test_good, "test/defect": n_test_defect}
     for split, n in counts.items():
         folder = out / split
