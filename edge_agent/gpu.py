@@ -61,10 +61,12 @@ class PinnedResults:
         self.pin = pin
         self.buffer = torch.empty(0, dtype=torch.float32)
 
-    def get(self, n: int) -> torch.Tensor:
-        if n > self.buffer.numel():
-            self.buffer = torch.empty(n, dtype=torch.float32, pin_memory=self.pin)
-        return self.buffer[:n]
+    def get(self, n: int, item: tuple[int, ...] = ()) -> torch.Tensor:
+        """(n, *item) float32 view of the one buffer (item: () for scores, (P, P) for pixel maps)."""
+        size = n * int(np.prod(item, dtype=np.int64))
+        if size > self.buffer.numel():
+            self.buffer = torch.empty(size, dtype=torch.float32, pin_memory=self.pin)
+        return self.buffer[:size].view(n, *item)
 
 
 class CudaRunner:
@@ -78,8 +80,9 @@ class CudaRunner:
     """
 
     def __init__(self, fn, batch_size: int, item_shape: tuple[int, int, int], dtype: torch.dtype,
-                 channels_last: bool, graphs: bool, tolerance: float = 2e-2):
+                 channels_last: bool, graphs: bool, out_item: tuple[int, ...] = (), tolerance: float = 2e-2):
         self.fn = fn
+        self.out_item = out_item  # () for scores, (P, P) for pixel maps
         self.batch_size = batch_size
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -138,10 +141,10 @@ class CudaRunner:
                 return
 
     @torch.inference_mode()
-    def score(self, patches: torch.Tensor) -> np.ndarray:
-        """(N, C, P, P) float32 on the host -> (N,) float32; one synchronisation per call."""
+    def score(self, patches: torch.Tensor) -> torch.Tensor:
+        """(N, C, P, P) float32 on the host -> (N,) (or (N, P, P)) float32 tensor; one synchronisation per call."""
         n = patches.shape[0]
-        result = self.results.get(n)  # pinned allocation is slow: one buffer, grown to the largest frame
+        result = self.results.get(n, self.out_item)  # pinned allocation is slow: one buffer, grown to the largest
         compute = torch.cuda.current_stream()
         done = [torch.cuda.Event(), torch.cuda.Event()]
         for i, start in enumerate(range(0, n, self.batch_size)):
@@ -163,4 +166,4 @@ class CudaRunner:
             result[start:end].copy_(out[: end - start], non_blocking=True)
             done[k].record(compute)
         compute.synchronize()
-        return result.numpy().copy()  # the pinned buffer is reused by the next call
+        return result.clone()  # the pinned buffer is reused by the next call

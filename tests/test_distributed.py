@@ -12,7 +12,7 @@ from edge_agent import artifact
 from edge_agent.train import distributed
 
 TINY = ["--patch-size", "32", "--stride", "16", "--nc", "4", "--nz", "4", "--batch-size", "16", "--epochs", "1",
-        "--seed", "0", "--device", "cpu", "--precision", "fp32", "--quiet"]
+        "--min-steps", "1", "--seed", "0", "--device", "cpu", "--precision", "fp32", "--quiet"]
 
 
 def _torchrun(station: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -39,14 +39,16 @@ def test_torchrun_two_processes_same_card_fields_and_reproducible(station, vae_m
     single = artifact.verify(vae_model)  # the same options in one process
     assert set(a) == set(single)
     assert set(a["training"]) == set(single["training"])
-    assert set(a["thresholds"]["m"]) == set(single["thresholds"]["m"])
+    name = single["scores"]["default"]
+    assert a["scores"]["default"] == name
+    assert set(a["thresholds"][name]) == set(single["thresholds"][name])
     assert a["training"]["processes"] == 2 and single["training"]["processes"] == 1
     assert a["training"]["steps"] == single["training"]["steps"]  # the global batch keeps the step count
     wa, wb = _weights(runs[0]), _weights(runs[1])
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k  # same seed, same processes: bit-identical weights
-    assert a["thresholds"]["m"]["value"] == b["thresholds"]["m"]["value"]
+    assert a["thresholds"][name]["value"] == b["thresholds"][name]["value"]
     differs = [k for k in wa if not torch.equal(wa[k], _weights(vae_model)[k])]
     assert differs  # and it did train differently from one process (other crops), not copy a file
 

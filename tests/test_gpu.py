@@ -30,6 +30,8 @@ def test_pinned_results_stay_bounded_by_the_largest_frame():
     assert results.buffer.numel() == 875
     assert results.get(1200).shape == (1200,)
     assert results.buffer.numel() == 1200
+    maps = results.get(10, (32, 32))  # pixel maps share the buffer, grown to the largest request
+    assert maps.shape == (10, 32, 32) and results.buffer.numel() == 10 * 32 * 32
 
 
 def test_auto_device_falls_back_loudly_when_a_gpu_is_expected(monkeypatch, caplog, vae_model):
@@ -74,7 +76,7 @@ def test_calibrated_precision_mismatch_warns(tmp_path, caplog, vae_model):
     shutil.copy(vae_model, model)
 
     def record(card):
-        card["thresholds"]["m"]["scored_with"] = {"precision": "bf16", "device": "cpu"}
+        card["thresholds"][card["scores"]["default"]]["scored_with"] = {"precision": "bf16", "device": "cpu"}
         return card
 
     artifact.update_card(model, record)

@@ -119,6 +119,17 @@ def any_rank(world: World, flag: bool) -> bool:
     return bool(t.item())
 
 
+def agreed_max(world: World, value: float) -> float:
+    """The largest of every process's value (one all_reduce): e.g. the elapsed time the schedule and budget use."""
+    if world.size == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def barrier(world: World) -> None:
     if world.size > 1:
         import torch.distributed as dist
