@@ -203,7 +203,8 @@ per core) and the elementwise score; a bf16 output layer would remove it but cos
 ### torch.compile / AOTInductor, and leaving TorchScript
 
 Measured once on the same seed VAE (one thread, CPU time, one 128-patch batch, interleaved with the
-per-core matmul limit, load average ~9.5; a separate exploration, not part of the run above):
+per-core matmul limit, load average ~9.5; a separate run before the batch-64 change, not part of the run
+above; `benchmarks/compile_probe.py` repeats it):
 `torch.compile` with Inductor `freezing=True` (which prepacks bf16 oneDNN weights and fuses conv + ReLU)
 against the frozen TorchScript score of the same export.
 
