@@ -14,7 +14,9 @@ import platform
 import signal
 import statistics
 import tempfile
+import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -205,7 +207,7 @@ def run_bench(opts: BenchOptions, workdir: Path | None = None) -> dict[str, Any]
     tmp = tempfile.TemporaryDirectory(prefix="edge-agent-bench-") if workdir is None else None
     root = Path(tmp.name) if tmp else workdir
     try:
-        model = opts.model
+        model = opts.model.resolve() if opts.model is not None else None  # the daemon config lives in a temp dir
         if model is None:
             model = root / "seed-vae.pt"
             export_seed(model, opts.tiny, w, h)
@@ -374,6 +376,62 @@ def _daemon_run(config: Path, frames: int) -> list[tuple[float, dict[str, Any], 
     return got
 
 
+def _poll_once(base: str, since: int) -> int:
+    """One poll of an open station page: the state, the verdicts after `since`, the latest image; returns last_seq."""
+    with urllib.request.urlopen(base + "/api/state", timeout=5) as r:
+        state = json.loads(r.read())
+    if state["last_seq"] > since:
+        with urllib.request.urlopen(f"{base}/api/verdicts?since={since}", timeout=5) as r:
+            r.read()
+        if state["latest"]["image"]:
+            with urllib.request.urlopen(base + state["latest"]["image"], timeout=5) as r:
+                r.read()
+    return int(state["last_seq"])
+
+
+def _poll_page(port: int, stop: threading.Event, period_s: float, counts: dict[str, int]) -> None:
+    base, since = f"http://127.0.0.1:{port}", 0
+    while not stop.wait(period_s if counts["polls"] else 0.02):  # at once when the page comes up, then periodic
+        try:
+            since = _poll_once(base, since)
+            counts["polls"] += 1
+        except (OSError, ValueError, KeyError):
+            counts["errors"] += 1  # before the page is up, after it stops
+
+
+def _page_cost(verdicts: list[dict[str, Any]], image: np.ndarray, polls: int = 100) -> dict[str, float]:
+    """The page's cost apart from load noise: the infer thread's hook per verdict, the server's CPU per poll."""
+    from edge_agent.state import StationState
+    from edge_agent.web import StationPage
+
+    jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes()
+    state = StationState("bench")
+    t0 = time.perf_counter()
+    for v in verdicts:
+        state.verdict(v, jpeg, image)
+    hook_s = (time.perf_counter() - t0) / max(1, len(verdicts))
+    page = StationPage(state, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{page.start()}"
+    try:
+        last = _poll_once(base, 0)
+        client0, process0 = time.thread_time(), time.process_time()
+        for _ in range(polls):
+            _poll_once(base, last - 1)  # one new verdict per poll, as at one frame per second
+        server_s = (time.process_time() - process0) - (time.thread_time() - client0)
+    finally:
+        page.stop()
+    return {"page_hook_us_per_verdict": hook_s * 1e6, "page_server_cpu_ms_per_poll": server_s / polls * 1e3,
+            "page_cost_polls": polls}
+
+
+def _rate(runs: list[tuple[float, dict[str, Any], float]]) -> tuple[float, float]:
+    """(steady frames/s between the first and the last verdict, mean infer-stage seconds after the first frame)."""
+    arrivals = [t for t, _, _ in runs]
+    fps = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else float("nan")
+    inference = [v["latency_s"].get("inference", float("nan")) for _, v, _ in runs]
+    return fps, sum(inference[1:]) / max(1, len(inference) - 1)
+
+
 def _pipeline(model: Path, frames: list[np.ndarray], root: Path, opts: BenchOptions,
               median_frame_s: float) -> dict[str, Any]:
     from edge_agent.broker import find_mosquitto, free_port
@@ -385,9 +443,24 @@ def _pipeline(model: Path, frames: list[np.ndarray], root: Path, opts: BenchOpti
             f'precision = "{opts.precision}"\nbatch_size = {opts.batch_size}\n[mqtt]\n{mqtt}\nheatmap = "all"\n'
             f'[outbox]\ndir = "{root / "outbox"}"\nflush_timeout_s = 2.0\n[metrics]\nenabled = false\n'
             f'[logging]\nlevel = "WARNING"\n')
+    no_page = "[web]\nenabled = false\n"
     config = root / "bench.toml"
-    config.write_text(base + f'[source]\nkind = "file"\nuri = "{video}"\nloop = true\n')
+    source = f'[source]\nkind = "file"\nuri = "{video}"\nloop = true\n'
+    config.write_text(base + no_page + source)
     runs = _daemon_run(config, max(2, opts.frames))
+    # The same run with the station page served and polled 4x as often as an open page polls.
+    page_port, poll_period_s, polls = free_port(), 0.25, {"polls": 0, "errors": 0}
+    config.write_text(base + f"[web]\nport = {page_port}\n" + source)
+    stop = threading.Event()
+    poller = threading.Thread(target=_poll_page, args=(page_port, stop, poll_period_s, polls), name="bench-page",
+                              daemon=True)
+    poller.start()
+    try:
+        polled = _daemon_run(config, max(2, opts.frames))
+    finally:
+        stop.set()
+        poller.join(10)
+    polled_fps, polled_in_run_s = _rate(polled)
     arrivals = [t for t, _, _ in runs]
     # Steady rate between the first and the last verdict: excludes start-up and the first frame.
     fps = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else float("nan")
@@ -398,7 +471,8 @@ def _pipeline(model: Path, frames: list[np.ndarray], root: Path, opts: BenchOpti
     stage_s = {k: statistics.median(v["latency_s"].get(k, 0.0) for _, v, _ in runs) for k in stages}
     # Low load: frames come at 1/1.5 of the scorer's rate, so none waits for another.
     period_s = 1.5 * median_frame_s
-    config.write_text(base + f'[source]\nkind = "file"\nuri = "{video}"\nloop = true\nfps = {1 / period_s:.6g}\n')
+    config.write_text(base + no_page + f'[source]\nkind = "file"\nuri = "{video}"\nloop = true\n'
+                      f'fps = {1 / period_s:.6g}\n')
     single = _daemon_run(config, max(2, opts.latency_frames))
     latency = [t - v["captured_at"] for t, v, _ in single]
     scoring = [v["latency_s"].get("inference", float("nan")) for _, v, _ in single]
@@ -427,6 +501,12 @@ def _pipeline(model: Path, frames: list[np.ndarray], root: Path, opts: BenchOpti
         "rss_frames": len(rss),
         "rss_mb_per_frame": [round(r, 1) for r in rss],
         "rss_mb_after_latency_run": single[-1][2],
+        # The station page's cost: the same pipeline run while a client polls the page every 0.25 s.
+        "page_polled_frames_per_s": polled_fps,
+        "page_polled_efficiency": polled_fps * polled_in_run_s,
+        "page_overhead": 1.0 - (polled_fps * polled_in_run_s) / (fps * in_run_s),
+        "page_polls": polls["polls"], "page_poll_period_s": poll_period_s,
+        **_page_cost([v for _, v, _ in runs], frames[-1]),
     }
 
 
@@ -455,6 +535,9 @@ def summary(r: dict[str, Any]) -> str:
           if (t := r.get("training")) else []),
         f"pipeline           {r['pipeline_frames_per_s']:8.3f} frames/s = {r['pipeline_efficiency']:.0%} of scorer-only "
         f"({r['pipeline_publisher']})",
+        f"page polled 4/s    {r['page_polled_frames_per_s']:8.3f} frames/s = {r['page_polled_efficiency']:.0%} of "
+        f"scorer-only ({r['page_polls']} polls; overhead {r['page_overhead']:+.1%}); hook "
+        f"{r['page_hook_us_per_verdict']:.1f} us/verdict, server {r['page_server_cpu_ms_per_poll']:.2f} ms CPU/poll",
         f"latency            p50 {r['latency_p50_s']:.3f} s, p99 {r['latency_p99_s']:.3f} s "
         f"(p99 {r['latency_over_scoring_p99']:.2f} x scoring)",
         f"rss growth         {r['rss_growth_mb']:+.1f} MB over {r['rss_frames']} frames",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
@@ -105,9 +106,17 @@ class Metrics:
         for result in ("accepted", "rejected", "duplicate"):
             self.triggers.labels(result=result)
 
+    _health_listeners: tuple[Any, ...] = ()  # camera, broker and outbox changes go to these too
+
+    def watch_health(self, listener: Any) -> None:
+        """Also hand camera_up, broker_connected and outbox_depth to listener (the station page's state)."""
+        self._health_listeners = (*self._health_listeners, listener)
+
     # Capture
     def camera_up(self, up: bool) -> None:
         self.camera_up_gauge.set(1 if up else 0)
+        for listener in self._health_listeners:
+            listener.camera_up(up)
 
     def camera_reconnect(self) -> None:
         self.camera_reconnects.inc()
@@ -178,9 +187,13 @@ class Metrics:
 
     def broker_connected(self, connected: bool) -> None:
         self.broker_connected_gauge.set(1 if connected else 0)
+        for listener in self._health_listeners:
+            listener.broker_connected(connected)
 
     def outbox_depth(self, depth: int) -> None:
         self.outbox_depth_gauge.set(depth)
+        for listener in self._health_listeners:
+            listener.outbox_depth(depth)
 
     def outbox_bytes(self, n_bytes: int) -> None:
         self.outbox_bytes_gauge.set(n_bytes)

@@ -19,10 +19,12 @@ def test_bench_tiny_json(tmp_path):
     r = json.loads(result.stdout)
     for key in ("matmul_gflops", "scorer_gflops", "scorer_fraction_of_matmul", "bf16_speedup",
                 "bf16_max_rel_score_error", "bf16_verdicts_identical", "pipeline_frames_per_s",
-                "pipeline_efficiency", "latency_p50_s", "latency_p99_s", "rss_growth_mb", "device", "torch",
+                "pipeline_efficiency", "page_polled_frames_per_s", "page_overhead", "latency_p50_s", "latency_p99_s", "rss_growth_mb", "device", "torch",
                 "threads", "load_average"):
         assert key in r, key
     assert set(r["scorer_patches_per_s"]) == {"fp32", "bf16"}
+    assert r["page_polled_frames_per_s"] > 0 and isinstance(r["page_polls"], int)
+    assert r["page_hook_us_per_verdict"] > 0 and r["page_server_cpu_ms_per_poll"] >= 0
     assert r["patches_per_frame"] == 49 and r["pipeline_frames"] == 3 and r["latency_frames"] == 2
     assert r["bf16_max_rel_score_error"] < 1e-2
     assert r["bf16_verdicts_identical"] is True
