@@ -40,9 +40,11 @@ class ModelConfig(Section):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device; auto = CUDA when present.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Inference precision; auto = bf16 on CPUs with AMX/AVX512-BF16 and on GPUs."
+        "fp32", description="Inference precision; auto = bf16 on CPUs with AMX/AVX512-BF16 and on GPUs of compute "
+        "capability >= 8.0, fp16 on older GPUs."
     )
-    batch_size: int = Field(512, ge=1, le=65536, description="Patches per forward pass.")
+    batch_size: int = Field(64, ge=1, le=65536, description="Patches per forward pass; 64 keeps a CPU's activations "
+                            "in cache (docs/PERFORMANCE.md), a GPU may want 256-1024.")
     ignore_mask: Path | None = Field(
         None, description="PNG whose black pixels mark areas where patches do not count (overrides the card's)."
     )

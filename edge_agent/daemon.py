@@ -193,7 +193,8 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
         pipeline.start()
         watchdog.start()
         stack.callback(watchdog.stop)
-        systemd.ready(f"inspecting {pipeline.source.describe()} with {scorer.model_id}")
+        fallback = " ON CPU: GPU expected but unavailable (see log)" if getattr(scorer, "device_fallback", None) else ""
+        systemd.ready(f"inspecting {pipeline.source.describe()} with {scorer.model_id}{fallback}")
         logger.info("ready: station %s, %s mode, model %s (%s, threshold %.6g), boot %s", config.station.id,
                     config.inspection.mode, scorer.model_id, scorer.score_name, scorer.threshold, boot_id)
         stop.wait()
@@ -230,6 +231,7 @@ def _model_info(metrics: Metrics, model: Model) -> None:
     metrics.model_info(s.model_id, s.checksum, s.score_name, s.threshold, str(s.device),
                        str(s.dtype).removeprefix("torch."))
     metrics.calibration(s.threshold, s.card.get("thresholds", {}).get(s.score_name, {}).get("good_image_scores"))
+    metrics.device_fallback(getattr(s, "device_fallback", None) is not None)
 
 
 def _install_signals(stop: threading.Event, reloader: _Reloader) -> None:

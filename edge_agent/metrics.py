@@ -92,6 +92,9 @@ class Metrics:
         self.triggers = Counter("edge_agent_triggers", "PLC triggers, by outcome.", ["result"], registry=r)
         self.errors = Counter("edge_agent_errors", "Steady-state errors, by stage.", ["stage"], registry=r)
         self.patches_scored_total = Counter("edge_agent_patches_scored", "Patches scored.", registry=r)
+        self.device_fallback_gauge = Gauge(
+            "edge_agent_device_fallback", "1 while scoring runs on the CPU although a GPU was expected (see the log).",
+            registry=r)
         # Known label values start at 0 so rate() and alerts work before the first event.
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
@@ -157,6 +160,9 @@ class Metrics:
                 "precision": precision,
             }
         )
+
+    def device_fallback(self, fallback: bool) -> None:
+        self.device_fallback_gauge.set(1 if fallback else 0)
 
     def calibration(self, threshold: float, good_image_scores: Mapping[str, float] | None) -> None:
         """The threshold and the card's good-score quantiles (p50, p90, p99, max), as numbers alerts can compare."""

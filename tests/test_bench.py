@@ -28,6 +28,26 @@ def test_bench_tiny_json(tmp_path):
     assert r["patches_per_frame"] == 49 and r["pipeline_frames"] == 3 and r["latency_frames"] == 2
     assert r["bf16_max_rel_score_error"] < 1e-2
     assert r["bf16_verdicts_identical"] is True
+    # the reference is the best of several GEMM shapes and thread counts, per precision
+    limit = r["matmul_limit"]
+    assert len(limit["shapes"]) >= 3 and 1 in limit["thread_counts"]
+    assert limit["fp32"]["gflops"] == r["matmul_gflops"] and limit["bf16"]["gflops"] == r["matmul_bf16_gflops"]
+    assert r["fp32_fraction_of_fp32_matmul"] == pytest.approx(r["scorer_gflops"] / r["matmul_gflops"])
+    assert r["bf16_fraction_of_bf16_matmul"] == pytest.approx(r["bf16_gflops"] / r["matmul_bf16_gflops"])
+    assert set(r["per_core"]["fraction_of_own_matmul"]) == {"fp32", "bf16"}
+    t = r["training"]
+    for precision in ("fp32", "bf16"):
+        assert t[precision]["crops_per_s"] == pytest.approx(t["batch_size"] * t[precision]["steps_per_s"])
+        assert 0 < t[precision]["sampling_share_of_step"]
+    assert t["sampling_crops_per_s"] > 0
+
+
+def test_train_step_flops_are_three_forwards_less_the_first_input_gradient():
+    from edge_agent.train.throughput import step_flops
+
+    forward = vae_flops_per_patch(1, 96, 32, 100)
+    first_conv = 2 * 48**2 * 32 * 1 * 16
+    assert step_flops(1, 96, 32, 100, 64) == 64 * (3 * forward - first_conv)
 
 
 def test_bench_rejects_bad_device():
