@@ -185,7 +185,7 @@ def _time_frames(scorer, frames: list[np.ndarray]) -> tuple[list[np.ndarray], li
         grid, patches = scorer.patches(image)
         _sync(scorer.device)
         t0 = time.perf_counter()
-        scores.append(scorer.score_patches(patches))
+        scores.append(scorer.score_frame(grid, patches))
         seconds.append(time.perf_counter() - t0)
     return scores, seconds
 

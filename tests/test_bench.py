@@ -88,16 +88,17 @@ def _station_patches(scorer, station, n=4):
 @pytest.mark.parametrize("family", ["vae_model", "ae_model"])
 def test_fast_path_scores_like_the_module(family, station, request):
     model = request.getfixturevalue(family)
-    fast = Scorer(model, device="cpu", batch_size=7, warmup=False)
-    eager = Scorer(model, device="cpu", batch_size=7, warmup=False, fast=False, channels_last=False)
+    raw = {"vae_model": "m", "ae_model": "l2"}[family]  # a patch score; the map score's fast path: test_anomaly_map
+    fast = Scorer(model, device="cpu", batch_size=7, warmup=False, score_name=raw)
+    eager = Scorer(model, device="cpu", batch_size=7, warmup=False, fast=False, channels_last=False, score_name=raw)
     assert fast.fast is not None and eager.fast is None
     x = _station_patches(fast, station)
     np.testing.assert_allclose(fast.score_patches(x), eager.score_patches(x), rtol=1e-4, atol=1e-6)
 
 
 def test_bf16_matches_fp32_on_a_trained_model(vae_model, station):
-    fp32 = Scorer(vae_model, device="cpu", precision="fp32", warmup=False)
-    bf16 = Scorer(vae_model, device="cpu", precision="bf16", warmup=False)
+    fp32 = Scorer(vae_model, device="cpu", precision="fp32", warmup=False, score_name="m")
+    bf16 = Scorer(vae_model, device="cpu", precision="bf16", warmup=False, score_name="m")
     x = _station_patches(fp32, station)
     a, b = fp32.score_patches(x).astype(np.float64), bf16.score_patches(x)
     assert np.max(np.abs(b - a) / np.abs(a)) < 1e-2
@@ -126,9 +127,9 @@ def test_station_frame_is_a_station_image():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_cuda_fast_path_matches_cpu(vae_model, station, precision):
-    cpu = Scorer(vae_model, device="cpu", warmup=False)
+    cpu = Scorer(vae_model, device="cpu", warmup=False, score_name="m")
     # batch 5 does not divide the patch count: the last CUDA-graph batch is padded.
-    gpu = Scorer(vae_model, device="cuda", precision=precision, batch_size=5)
+    gpu = Scorer(vae_model, device="cuda", precision=precision, batch_size=5, score_name="m")
     assert gpu._cuda is not None
     x = _station_patches(cpu, station, n=2)
     tol = 1e-3 if precision == "fp32" else 1e-2
