@@ -114,6 +114,11 @@ def run_evaluation(models: list[Path], good: Path, defect: Path, masks: Path | N
             if "by_kind" in result:
                 rows.append(" " * 26 + "by kind (AUROC / recall at FRR 1 %): " + ", ".join(
                     f"{k} {v['image_auroc']:.3f} / {v['recall_at_frr_1pct']:.2f}" for k, v in result["by_kind"].items()))
+        # Every image's score, so a missed defect or a false reject can be looked up (and re-thresholded).
+        entry["images"] = [{"image": str(r.path), "label": "defect" if lab else "good",
+                            **({"kind": defect_kinds[i - len(good_files)]} if lab and defect_kinds else {}),
+                            "scores": {n: r.image_score(n) for n in names}}
+                           for i, (r, lab) in enumerate(zip(results, labels))]
         out["models"].append(entry)
     if report is not None:
         out["plots"] = [str(p) for p in write_plots(report, curves)]

@@ -253,3 +253,17 @@ def test_map_head_on_cuda_matches_cpu(held_out_model):
     cuda = Scorer(model, device="cuda", precision="fp32", batch_size=5)  # 9 patches: the last graph batch is padded
     grid, patches = cpu.patches(image)
     np.testing.assert_allclose(cuda.score_frame(grid, patches), cpu.score_frame(grid, patches), rtol=1e-3, atol=1e-3)
+
+
+def test_mixed_frame_sizes_train_without_position_statistics(tmp_path):
+    import cv2
+
+    from edge_agent.synth import make_part
+
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for i in range(40):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), make_part(i, None, size=64, width=64 if i % 2 else 80).image)
+    card = fit(folder, tmp_path / "m.pt", tiny_options(model="vae", patch_size=32, stride=16, steps=5))
+    assert card["anomaly_map"]["position"] is None  # no place-by-place comparison across frame sizes
+    assert card["thresholds"]["m_map"]["method"] == "frr" and card["thresholds"]["m_map"]["n_good"] == 8

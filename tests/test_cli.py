@@ -64,8 +64,16 @@ def test_evaluate_report(capsys, vae_model, ae_model, station, tmp_path):
     vae = report["models"][0]["scores"]
     assert set(vae) == {"m", "elbo", "d", "a", "m_map"}
     assert 0 <= vae["m"]["image_auroc"] <= 1 and 0 <= vae["m"]["pixel_auroc"] <= 1
+    assert vae["m_map"]["at_frr_1pct"]["false_reject_rate"] <= 0.01  # 6 good images: none may be over it
+    kinds = dict(line.split(",") for line in (station / "test/defect/kinds.csv").read_text().split()[1:])
+    assert set(vae["m"]["by_kind"]) == set(kinds.values())
+    assert sum(k["images"] for k in vae["m"]["by_kind"].values()) == 6
+    images = report["models"][0]["images"]
+    assert len(images) == 12 and {i["label"] for i in images} == {"good", "defect"}
+    assert max(i["scores"]["m"] for i in images) == vae["m"]["defect_scores"]["max"] or \
+        max(i["scores"]["m"] for i in images) == vae["m"]["good_scores"]["max"]
     assert (tmp_path / "r/roc.png").stat().st_size > 1000 and (tmp_path / "r/histograms.png").exists()
-    assert "image AUROC" in out
+    assert "image AUROC" in out and "recall@FRR1%" in out and "by kind" in out
 
 
 def test_info_prints_card(capsys, vae_model):

@@ -41,3 +41,21 @@ def test_best_f1_separable_and_strict():
     assert r["f1"] == 1.0 and 0.5 <= r["threshold"] < 0.75
     op = operating_point(labels, scores, 0.5)  # 0.5 is not > 0.5: those two good parts pass
     assert op["false_reject_rate"] == 0.0 and op["recall"] == 1.0
+
+
+def test_recall_at_frr_by_hand():
+    from edge_agent.evaluation import recall_at_frr
+
+    good = list(range(100))  # 0..99: at 1 % one good image (99) may lie over the threshold -> t = 98
+    labels = [0] * 100 + [1] * 4
+    point = recall_at_frr(labels, good + [97.5, 98.0, 98.5, 200.0], 0.01)
+    assert point["threshold"] == 98.0 and point["false_reject_rate"] == 0.01
+    assert point["recall"] == 0.5  # 98.5 and 200 are over 98 (strict >); 98.0 is not
+
+
+def test_log_axis_only_for_scores_over_decades():
+    from edge_agent.evaluation import histogram_bins, log_axis
+
+    assert log_axis([1.0, 10.0, 1000.0]) and not log_axis([1.0, 50.0]) and not log_axis([-5.0, 1000.0])
+    bins = histogram_bins([1.0, 10.0, 1000.0], bins=3)
+    assert np.allclose(bins, [1.0, 10.0, 100.0, 1000.0])

@@ -5,6 +5,7 @@ The daemon never imports this package; it needs only the exported file.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import math
@@ -237,6 +238,10 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
         distributed.finish(world)
         return artifact.verify(out)
     export(model, opts, out, int(h), int(w), training, head=head)
+    if opts.position_stats and len({tuple(t.shape) for t in all_images}) > 1:
+        logger.warning("the good images differ in size: no position statistics (they need every frame to show the "
+                       "same place at the same pixel); the anomaly map is compared with good parts globally")
+        opts = dataclasses.replace(opts, position_stats=False)
     card = set_initial_thresholds(out, held_files or files, opts, seconds, trained_on=not held_files)
     distributed.barrier(world)
     distributed.finish(world)
