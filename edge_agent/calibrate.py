@@ -191,6 +191,7 @@ def choose(good_scores, defect_scores=None, method: str = "frr", target_frr: flo
     exceedances = int((good > value).sum())
     entry: dict[str, Any] = {
         "value": value,
+        "low": low_bound(good),
         "method": method,
         "description": DESCRIPTIONS[method],
         "target_frr": target_frr if method in ("frr", "max-train") else None,
@@ -211,6 +212,32 @@ def choose(good_scores, defect_scores=None, method: str = "frr", target_frr: flo
         point = operating_point(np.r_[np.zeros(n), np.ones(defect.size)], np.r_[good, defect], value)
         entry.update({key: point[key] for key in ("precision", "recall", "f1", "miss_rate")})
     return entry
+
+
+LOW_MARGIN = 1.0
+LOW_DESCRIPTION = ("lowest good image score minus margin x the spread (p90 - p10) of the good image scores; an image "
+                   "score below it is nothing a good part produced: ERROR, the frame does not look like this station")
+
+
+def low_bound(good_scores, margin: float = LOW_MARGIN) -> dict[str, Any]:
+    """The low end of good image scores, for the card's threshold entry (`low`): two-sided scores.
+
+    A very low score is not a very good part: a grey frame, a covered lens or another station's view
+    reconstructs "too well" and lands far under every good part. The bound sits one spread (p90 - p10
+    of the good scores; 10 % of |min| when they are all equal) under the lowest good score, so good
+    parts do not reach it, whatever the sign or scale of the score. Used by calibrate and by train.
+    """
+    good = np.asarray(good_scores, dtype=np.float64)
+    good = good[np.isfinite(good)]
+    if good.size == 0:
+        raise ConfigError("the low bound needs at least one finite good image score")
+    lowest = float(good.min())
+    q10, q90 = np.quantile(good, [0.1, 0.9])
+    spread = float(q90 - q10)
+    if not spread > 0:
+        spread = abs(lowest) * 0.1 or 1.0
+    return {"value": lowest - margin * spread, "method": "min-minus-spread", "margin": margin, "min": lowest,
+            "spread": spread, "n_good": int(good.size), "description": LOW_DESCRIPTION}
 
 
 def apply(card: dict[str, Any], score_name: str, entry: dict[str, Any], ignore_mask: dict[str, Any] | None,

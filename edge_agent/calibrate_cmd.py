@@ -187,6 +187,9 @@ def _numbers(e: dict[str, Any]) -> list[str]:
         lines.append(f"  target FRR {e['target_frr']:g} at {pct:g} %: needs >= {e['n_min_for_target']} good images "
                      f"({enough}); confidence achieved for FRR <= {e['target_frr']:g}: "
                      f"{e['confidence_for_target_frr']:.3f}")
+    if e.get("low"):
+        lines.append(f"  low bound {e['low']['value']:.6g} (lowest good {e['low']['min']:.6g} minus spread "
+                     f"{e['low']['spread']:.6g}): a lower image score is ERROR, not a good part")
     if e["n_defect"]:
         lines.append(f"  defects: recall {e['recall']:.4f}, miss rate {e['miss_rate']:.4f}, precision "
                      f"{e['precision']:.4f}, F1 {e['f1']:.4f} on {e['n_defect']} images; image AUROC {e['image_auroc']:.4f}")

@@ -119,7 +119,7 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
     model = load_model(config.model)
     check_fit(config, model)
     scorer = model.scorer
-    metrics = Metrics(threshold=scorer.threshold)
+    metrics = Metrics(threshold=scorer.threshold, good_image_scores=scorer.good_image_scores)
     _model_info(metrics, model)
     watchdog = systemd.Watchdog()
     boot_id = uuid.uuid4().hex[:12]

@@ -33,3 +33,4 @@ class Frame:
     trigger: Trigger | None = None
     stage_s: dict[str, float] = field(default_factory=dict)  # per-stage latency so far
     error: str | None = None  # why this frame cannot be judged (unreadable, wrong size): an ERROR verdict
+    error_reason: str | None = None  # with error: verdict.ERROR_REASONS (None = unreadable, as capture says)

@@ -163,7 +163,7 @@ def test_camera_gone_and_back_reconnects_and_judges_no_frame_twice(tmp_path, vae
     metrics_port = free_port()
     config = write_config(tmp_path, vae_model, video, free_port(), metrics_port=metrics_port, loop=True, fps=20)
     agent = RunningAgent(config, "--set", "source.reconnect_min_s=0.1", "--set", "source.reconnect_max_s=0.4",
-                         "--set", "mqtt.host=")  # embedded broker: only the camera is at fault here
+                         "--set", "mqtt.host=", "--set", "mqtt.embedded=true")  # embedded broker: only the camera is at fault here
     hidden = tmp_path / "unplugged.avi"
     try:
         agent.wait_printed(3)
@@ -204,7 +204,7 @@ def test_corrupt_and_wrong_size_frames_get_error_verdicts_and_the_agent_goes_on(
     config = write_config(tmp_path, vae_model, tmp_path / "unused.avi", free_port(), metrics_port=metrics_port,
                           loop=True, fps=20)
     agent = RunningAgent(config, "--set", "source.kind=folder", "--set", f"source.uri={folder}",
-                         "--set", "mqtt.host=")
+                         "--set", "mqtt.host=", "--set", "mqtt.embedded=true")
     try:
         agent.wait_printed(6 * 3)  # three passes over the folder
         text = scrape(metrics_port)
@@ -238,7 +238,7 @@ def test_a_model_returning_nan_gives_error_verdicts_never_ok(tmp_path, vae_model
     nan_model = planted_model(vae_model, tmp_path / "nan.pt", nan=True)
     config = write_config(tmp_path, nan_model, tmp_path / "unused.avi", free_port())
     agent = RunningAgent(config, "--set", "source.kind=folder", "--set", f"source.uri={folder}",
-                         "--set", "mqtt.host=", "--set", "outbox.flush_timeout_s=5")
+                         "--set", "mqtt.host=", "--set", "mqtt.embedded=true", "--set", "outbox.flush_timeout_s=5")
     rc = agent.wait()  # a non-looping folder ends the run by itself
     assert rc == 0, agent.stderr
     results = [r for _, r, _ in agent.printed()]
