@@ -39,17 +39,14 @@ def _gray(image: np.ndarray) -> np.ndarray:
 
 
 def check(image: np.ndarray, cfg: QualityConfig) -> Problem | None:
-    """None when the frame shows something worth judging; else the first problem found (blank first)."""
+    """None when the frame shows something worth judging; else the first problem found: blank, under- or
+    overexposed, uniform (in that order)."""
     if image.size == 0:
         return Problem("blank", "the frame has no pixels")
     gray = _gray(image)
     lo, hi = int(gray.min()), int(gray.max())
     if lo == hi:
         return Problem("blank", f"every pixel is {lo}")
-    _mean, std = cv2.meanStdDev(gray)
-    sd = float(std[0, 0])
-    if sd < cfg.min_std:
-        return Problem("uniform", f"pixel std {sd:.2f} < quality.min_std {cfg.min_std:g}")
     n = gray.size
     dark = float(np.count_nonzero(gray <= cfg.dark_level)) / n
     if dark > cfg.max_dark_fraction:
@@ -59,6 +56,11 @@ def check(image: np.ndarray, cfg: QualityConfig) -> Problem | None:
     if bright > cfg.max_bright_fraction:
         return Problem("overexposed", f"{bright:.1%} of pixels >= quality.bright_level {cfg.bright_level}, "
                                       f"over quality.max_bright_fraction {cfg.max_bright_fraction:g}")
+    # After exposure: a dark frame is also flat, and "underexposed" says what to fix.
+    _mean, std = cv2.meanStdDev(gray)
+    sd = float(std[0, 0])
+    if sd < cfg.min_std:
+        return Problem("uniform", f"pixel std {sd:.2f} < quality.min_std {cfg.min_std:g}")
     return None
 
 

@@ -316,3 +316,59 @@ def test_ignore_mask_in_the_card_changes_the_verdict(capsys, model, station, tmp
     from edge_agent.daemon import load_model
 
     assert np.array_equal(load_model(ModelConfig(path=model, device="cpu"), warmup=False).ignore_mask, mask)
+
+
+# --- two-sided scores: the low end of good scores --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("good", [
+    np.linspace(400.0, 740.0, 50),  # m: positive
+    -np.linspace(4000.0, 4800.0, 50),  # elbo: negative
+    np.full(10, 3.0),  # all equal
+    np.array([-0.5]),  # one image
+])
+def test_low_bound_is_under_every_good_score_whatever_the_sign(good):
+    from edge_agent.calibrate import low_bound
+
+    low = low_bound(good)
+    assert low["value"] < good.min() and low["min"] == good.min() and low["method"] == "min-minus-spread"
+    assert "does not look like this station" in low["description"]
+
+
+def test_calibrate_and_train_record_the_low_bound_and_the_daemon_reads_it(capsys, model, station):
+    trained = artifact.verify(model)["thresholds"]["m"]
+    assert trained["low"]["value"] < trained["value"]  # train (set_training_thresholds) writes it too
+    code, out, _ = run_cli(capsys, "calibrate", model, "--good", station / "calib/good", "-q")
+    assert code == 0 and "low bound" in out
+    entry = artifact.verify(model)["thresholds"]["m"]
+    assert entry["low"]["value"] < entry["good_image_scores"]["min"]
+    assert Scorer(model, device="cpu", warmup=False).low == entry["low"]["value"]
+
+
+def test_a_card_without_a_low_bound_still_loads_and_judges(model):
+    artifact.update_card(model, lambda c: {**c, "thresholds": {k: {kk: vv for kk, vv in v.items() if kk != "low"}
+                                                               for k, v in c["thresholds"].items()}})
+    scorer = Scorer(model, device="cpu", warmup=False)
+    assert scorer.low is None and scorer.threshold > 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_calibrate_keeps_the_model_files_owner_group_and_mode(capsys, model, station):
+    os.chown(model, 4321, 8765)
+    model.chmod(0o640)
+    code, _, err = run_cli(capsys, "calibrate", model, "--good", station / "calib/good", "-q")
+    assert code == 0, err
+    st = model.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (4321, 8765, 0o640)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_a_model_the_user_may_not_read_says_permission_not_truncated(model, tmp_path):
+    model.chmod(0o600)
+    tmp_path.chmod(0o755)
+    model.parent.chmod(0o755)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    done = subprocess.run([*nobody, sys.executable, "-m", "edge_agent.cli", "info", str(model)], capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "permission" in done.stderr and "truncated" not in done.stderr, done.stderr

@@ -292,3 +292,39 @@ def test_an_unreadable_frame_gets_an_error_verdict_even_with_retention_on(tmp_pa
     assert (verdict["result"], verdict["error"]) == ("ERROR", "unreadable frame: x.png")
     assert publisher.verdicts[0]["seq"] == 1 and not list(tmp_path.iterdir())
     validate(verdict)
+
+
+def test_an_exception_in_decide_still_publishes_an_error_verdict_and_the_next_frame_is_fine(monkeypatch):
+    import edge_agent.pipeline as pipeline_module
+
+    real_decide = pipeline_module.decide
+    calls = []
+
+    def flaky_decide(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ZeroDivisionError("planted")
+        return real_decide(*args, **kw)
+
+    monkeypatch.setattr(pipeline_module, "decide", flaky_decide)
+    pipeline, publisher, metrics = make_pipeline()
+    first, second = pipeline.inspect(frame(1)), pipeline.inspect(frame(2))
+    assert [v["result"] for v in publisher.verdicts] == ["ERROR", "OK"]
+    assert first["error_reason"] == "internal" and "ZeroDivisionError: planted" in first["error"]
+    validate(first)
+    assert second["result"] == "OK"
+    assert sample(metrics, "edge_agent_error_verdicts_total", reason="internal") == 1
+
+
+def test_a_grey_frame_is_error_uniform_and_never_scored():
+    calls = []
+    pipeline, publisher, metrics = make_pipeline(FakeScorer(lambda x: calls.append(1) or np.zeros(len(x), np.float32)),
+                                                 source=FakeSource(finite=False))
+    grey = np.full((H, W, 3), 128, np.uint8)
+    grey[::2, ::2] += 1  # a little decoder noise
+    pipeline._on_frame(Frame(1, grey, captured_at=1.0))
+    verdict = pipeline.inspect(pipeline.queue.get_nowait())
+    assert (verdict["result"], verdict["error_reason"]) == ("ERROR", "uniform") and not calls
+    validate(verdict)
+    assert sample(metrics, "edge_agent_error_verdicts_total", reason="uniform") == 1
+    assert sample(metrics, "edge_agent_image_score_count") == 0, "an ERROR frame's score stays out of the drift baseline"
