@@ -187,7 +187,7 @@ def test_score_and_evaluate_with_the_station_config_judge_as_the_station(capsys,
     row = json.loads(out)
     assert (row["score_name"], row["threshold"]) == ("elbo", 12345.5), err
     assert row["worst_patch"]["x"] + row["worst_patch"]["w"] <= 64 + 16, "the station's mask: right half ignored"
-    code, _, plain = run(capsys, "score", vae_model, image, "--json")
+    code, plain, _ = run(capsys, "score", vae_model, image, "--json")
     assert json.loads(plain)["score_name"] == "m"
     code, out, err = run(capsys, "evaluate", "--config", config, "--good", station / "test/good", "--defect",
                          station / "test/defect", "--report", tmp_path / "r", "-q")
