@@ -517,14 +517,14 @@ def test_models_are_checksum_verified_before_torch_reads_them():
                                              ("st1", "edge/"), ("st1", "#"), ("st1", "")])
 def test_topic_levels_from_config_are_validated(tmp_path, station, prefix):
     path = tmp_path / "c.toml"
-    path.write_text(f'[station]\nid = "{station}"\n[source]\nuri = "x.avi"\n[mqtt]\nprefix = "{prefix}"\n')
+    path.write_text(f'[station]\nid = "{station}"\n[source]\nuri = "x.avi"\n[mqtt]\nhost = "b"\nprefix = "{prefix}"\n')
     with pytest.raises(ConfigError, match="station.id|mqtt.prefix"):
         load_config(path)
 
 
 def test_valid_topic_levels_are_accepted(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('[station]\nid = "line-3_st1"\n[source]\nuri = "x.avi"\n[mqtt]\nprefix = "plant/edge-agent"\n')
+    path.write_text('[station]\nid = "line-3_st1"\n[source]\nuri = "x.avi"\n[mqtt]\nhost = "b"\nprefix = "plant/edge-agent"\n')
     assert load_config(path).mqtt.prefix == "plant/edge-agent"
 
 
