@@ -24,6 +24,7 @@ from pydantic import BaseModel
 
 from edge_agent.broker import free_port
 from edge_agent.config import Config, load_config
+from edge_agent.errors import ConfigError
 from edge_agent.synth import make_part
 
 ROOT = Path(__file__).parent.parent
