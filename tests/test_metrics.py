@@ -1,6 +1,7 @@
 import shutil
 import subprocess
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -146,3 +147,51 @@ def test_serve_scrape_and_promtool(metrics, tmp_path):
     # promtool exits 0 when clean; lint remarks (if any) are printed, and we want none.
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.strip() == "" and check.stderr.strip() == "", check.stdout + check.stderr
+
+
+@pytest.mark.parametrize("threshold, good", [
+    (737.0, {"p50": 557.0, "p90": 613.5, "p99": 675.0, "max": 737.0}),  # the demo VAE's m
+    (-4000.0, {"p50": -4600.0, "p90": -4300.0, "p99": -4100.0, "max": -4050.0}),  # elbo
+    (-12.5, {"p50": -40.0, "p90": -25.0, "p99": -15.0, "max": -13.0}),  # GMM nll
+])
+def test_the_drift_alert_fires_on_the_buckets_the_daemon_exports_for_any_score(tmp_path, threshold, good):
+    """promtool evaluates the real alerts.yml on histograms built from score_buckets: a station whose
+    scores drifted between the calibrated p99 and the threshold fires, one at the good median does not."""
+    import json
+
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool not installed")
+    buckets = [*score_buckets(threshold, good), float("inf")]
+    drifted = (good["p99"] + threshold) / 2
+    series = []
+    for station, value in (("st1", drifted), ("st2", good["p50"])):
+        labels = f'job="edge-agent", instance="{station}:9108", station="{station}"'
+        series.append({"series": f'edge_agent_good_image_score{{{labels}, stat="p99"}}', "values": f"{good['p99']}x60"})
+        for le in buckets:
+            bound = "+Inf" if le == float("inf") else repr(le)
+            series.append({"series": f'edge_agent_image_score_bucket{{{labels}, le="{bound}"}}',
+                           "values": "0+10x60" if value <= le else "0x60"})
+    upper = next(le for le in buckets if drifted <= le)
+    lower = max([le for le in buckets if le < upper], default=0.0)
+    median = lower + (upper - lower) * 0.5  # every observation in one bucket: histogram_quantile interpolates
+    assert median > good["p99"]
+    value = repr(median).removesuffix(".0")
+    root = Path(__file__).parent.parent
+    tests = {
+        "rule_files": [str(root / "deploy/prometheus/alerts.yml")],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": [{
+            "eval_time": "45m", "alertname": "EdgeAgentImageScoreDrift",
+            "exp_alerts": [{"exp_labels": {"severity": "warning", "job": "edge-agent", "instance": "st1:9108",
+                                           "station": "st1"},
+                            "exp_annotations": {
+                                "summary": "Image scores on st1 drifted above the calibration distribution",
+                                "description": f"Median image score over 1 h is {value}, above the calibrated p99 of "
+                                               "good parts: lighting, focus, camera position or the parts changed; "
+                                               "verdicts will soon flip to NG.",
+                                "runbook": "docs/OPERATIONS.md#edgeagentimagescoredrift"}}]}]}],
+    }
+    (tmp_path / "drift_test.yml").write_text(json.dumps(tests, indent=1))  # JSON is YAML
+    done = subprocess.run(["promtool", "test", "rules", "drift_test.yml"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
