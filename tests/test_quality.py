@@ -89,10 +89,12 @@ def lossless_video(path, frames):
 
 @needs_mosquitto
 @pytest.mark.integration
-def test_daemon_judges_blank_grey_and_dark_frames_error_with_reasons_and_counts_them(tmp_path, vae_model, mosquitto):
+def test_daemon_judges_blank_grey_dark_and_foreign_frames_error_with_reasons_and_counts_them(tmp_path, vae_model,
+                                                                                          mosquitto):
+    stripes = (100 + 20 * ((np.mgrid[0:128, 0:128][1] // 32) % 2)).astype(np.uint8)  # passes the gate; no part
     frames = [part(0), np.zeros((128, 128), np.uint8), grey_with_noise(128, 1), part(1),
-              np.clip(part(2).astype(np.int16) // 16, 0, 255).astype(np.uint8), part(3)]
-    expected = ["OK", "ERROR blank", "ERROR uniform", "OK", "ERROR underexposed", "OK"]
+              np.clip(part(2).astype(np.int16) // 16, 0, 255).astype(np.uint8), part(3), stripes]
+    expected = ["OK", "ERROR blank", "ERROR uniform", "OK", "ERROR underexposed", "OK", "ERROR unlike_station"]
     video = lossless_video(tmp_path / "broken.avi", frames)
     metrics_port = free_port()
     config = write_config(tmp_path, vae_model, video, mosquitto.port, metrics_port=metrics_port, loop=True, fps=20)
@@ -100,7 +102,7 @@ def test_daemon_judges_blank_grey_and_dark_frames_error_with_reasons_and_counts_
     try:
         agent.wait_printed(2 * len(frames))  # two passes over the broken camera's video
         before = _reasons(agent)
-        wait_until(lambda: _sum_errors(metrics_port) >= 6, 30, "the ERROR verdicts counted by reason")
+        wait_until(lambda: _sum_errors(metrics_port) >= 8, 30, "the ERROR verdicts counted by reason")
         text = scrape(metrics_port)
         after = _reasons(agent)
     finally:
@@ -109,13 +111,13 @@ def test_daemon_judges_blank_grey_and_dark_frames_error_with_reasons_and_counts_
     got = _reasons(agent)
     for seq, label in enumerate(got, start=1):
         assert label == expected[(seq - 1) % len(frames)], "\n".join(line for _, _, line in agent.printed())
-    for reason in REASONS:
+    for reason in (*REASONS, "unlike_station"):
         # The scrape is taken between two reads of the printed verdicts: its count lies between theirs.
         counted = metric(text, f'edge_agent_error_verdicts_total{{reason="{reason}"}}')
         assert before.count(f"ERROR {reason}") <= counted <= after.count(f"ERROR {reason}"), reason
     assert metric(text, 'edge_agent_dropped_total{reason="queue_full"}') == 0
     assert "frozen" not in " ".join(got), "a stored file is never judged frozen"
-    counts = {r: metric(text, 'edge_agent_error_verdicts_total{reason="%s"}' % r) for r in REASONS}
+    counts = {r: metric(text, 'edge_agent_error_verdicts_total{reason="%s"}' % r) for r in (*REASONS, "unlike_station")}
     print(f"\nQUALITY broken_video: {len(got)} verdicts, {got[:len(frames)]} per pass; scrape: {counts}")
 
 
@@ -123,6 +125,8 @@ def _reasons(agent) -> list[str]:
     out = []
     for _, result, line in agent.printed():
         reason = next((r for r in REASONS if f"frame quality: {r}" in line), None)
+        if "does not look like this station" in line:
+            reason = "unlike_station"
         out.append(f"{result} {reason}" if reason else result)
     return out
 
@@ -130,7 +134,7 @@ def _reasons(agent) -> list[str]:
 def _sum_errors(port: int) -> float:
     try:
         text = scrape(port)
-        return sum(metric(text, f'edge_agent_error_verdicts_total{{reason="{r}"}}') for r in REASONS)
+        return sum(metric(text, f'edge_agent_error_verdicts_total{{reason="{r}"}}') for r in (*REASONS, "unlike_station"))
     except (OSError, AssertionError):
         return 0.0
 
