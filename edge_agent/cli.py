@@ -28,7 +28,7 @@ app = typer.Typer(
 Model = Annotated[Path, typer.Argument(help="Model file (.pt) exported by `edge-agent train`.")]
 Station = Annotated[Optional[Path], typer.Option(
     "--config", help="Station config (TOML): judge as that station does, with its model, score, threshold, ignore "
-    "mask, precision and quality gate (reproduce a disputed verdict offline).")]
+    "mask and precision (score: its quality gate too); reproduces a disputed verdict offline.")]
 
 
 def _station_model(config: Path, device: str):
