@@ -51,13 +51,13 @@ def _digest(zf: zipfile.ZipFile, card: dict[str, Any]) -> str:
 def read_bytes(path: Path) -> bytes:
     """The model file's bytes, read once: verification and loading both use these, so an atomic
     replace of the file between the two cannot pair one file's checksum with another's weights."""
-    if not path.exists():
-        raise ModelError(f"model file {path} not found; train one with `edge-agent train` or fix the path")
-    if path.is_dir():
-        raise ModelError(f"model path {path} is a folder; give the .pt file")
     try:
+        if not path.exists():
+            raise ModelError(f"model file {path} not found; train one with `edge-agent train` or fix the path")
+        if path.is_dir():
+            raise ModelError(f"model path {path} is a folder; give the .pt file")
         return path.read_bytes()
-    except PermissionError:
+    except PermissionError:  # the file, or a folder on its path that this user may not enter
         raise ModelError(f"{path}: permission denied reading the model file; let this user read it "
                          f"(e.g. chgrp edge-agent {path} && chmod g+r {path}) or run as its owner") from None
     except OSError as e:

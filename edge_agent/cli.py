@@ -25,7 +25,8 @@ app = typer.Typer(
     help="Streaming edge inspection agent: train on good parts, calibrate, score, evaluate, run the station daemon.",
 )
 
-Model = Annotated[Path, typer.Argument(help="Model file (.pt) exported by `edge-agent train`.")]
+# readable=False: our own check names the problem ("permission denied ... chmod g+r"), click's only says "not readable".
+Model = Annotated[Path, typer.Argument(help="Model file (.pt) exported by `edge-agent train`.", readable=False)]
 Station = Annotated[Optional[Path], typer.Option(
     "--config", help="Station config (TOML): judge as that station does, with its model, score, threshold, ignore "
     "mask and precision (score: its quality gate too); reproduces a disputed verdict offline.")]

@@ -363,12 +363,21 @@ def test_calibrate_keeps_the_model_files_owner_group_and_mode(capsys, model, sta
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
-def test_a_model_the_user_may_not_read_says_permission_not_truncated(model, tmp_path):
-    model.chmod(0o600)
-    tmp_path.chmod(0o755)
-    model.parent.chmod(0o755)
+def test_a_model_the_user_may_not_read_says_permission_not_truncated(model):
+    import tempfile
+
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    done = subprocess.run([*nobody, sys.executable, "-m", "edge_agent.cli", "info", str(model)], capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "permission" in done.stderr and "truncated" not in done.stderr, done.stderr
+    with tempfile.TemporaryDirectory() as folder:  # in /tmp: a folder chain user nobody may enter
+        Path(folder).chmod(0o755)
+        readable_dir = Path(folder) / "m.pt"
+        shutil.copy(model, readable_dir)
+        for target in (readable_dir, model):  # the file itself 0600; a model under pytest's 0700 folder
+            target.chmod(0o600)
+            config = Path(folder) / "station.toml"  # what the service user meets: check-config, run
+            config.write_text(f'[model]\npath = "{target}"\n[source]\nuri = "x.avi"\n[mqtt]\nhost = "b"\n')
+            config.chmod(0o644)
+            for argv in (["info", str(target)], ["check-config", str(config)]):
+                done = subprocess.run([*nobody, sys.executable, "-m", "edge_agent.cli", *argv], capture_output=True,
+                                      text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+                assert done.returncode == 2 and "Traceback" not in done.stderr and "internal" not in done.stderr
+                assert "permission" in done.stderr and "truncated" not in done.stderr, done.stderr
