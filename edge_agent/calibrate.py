@@ -148,7 +148,8 @@ def check_rate(name: str, value: float | None, upto_one: bool = False) -> None:
 
 
 def choose(good_scores, defect_scores=None, method: str = "frr", target_frr: float = 0.01,
-           target_recall: float | None = None, confidence: float = 0.95) -> dict[str, Any]:
+           target_recall: float | None = None, confidence: float = 0.95,
+           blank_score: float | None = None) -> dict[str, Any]:
     """Pick the threshold and describe it: the card's threshold entry, without provenance fields.
 
     good_scores, defect_scores: per-image scores (the max counted patch score of each image).
@@ -191,7 +192,7 @@ def choose(good_scores, defect_scores=None, method: str = "frr", target_frr: flo
     exceedances = int((good > value).sum())
     entry: dict[str, Any] = {
         "value": value,
-        "low": low_bound(good),
+        "low": low_bound(good, blank_score),
         "method": method,
         "description": DESCRIPTIONS[method],
         "target_frr": target_frr if method in ("frr", "max-train") else None,
@@ -214,18 +215,27 @@ def choose(good_scores, defect_scores=None, method: str = "frr", target_frr: flo
     return entry
 
 
-LOW_MARGIN = 1.0
-LOW_DESCRIPTION = ("lowest good image score minus margin x the spread (p90 - p10) of the good image scores; an image "
-                   "score below it is nothing a good part produced: ERROR, the frame does not look like this station")
+LOW_MARGIN = 3.0
+LOW_DESCRIPTIONS = {
+    "blank-third": "a third of the way from a blank frame's image score (flat mid-grey) up to the lowest good image "
+                   "score; an image score below it is nothing a good part produced: ERROR, the frame does not look "
+                   "like this station",
+    "min-minus-spread": "lowest good image score minus margin x the spread (p90 - p10) of the good image scores; an "
+                        "image score below it is nothing a good part produced: ERROR, the frame does not look like "
+                        "this station",
+}
 
 
-def low_bound(good_scores, margin: float = LOW_MARGIN) -> dict[str, Any]:
+def low_bound(good_scores, blank_score: float | None = None, margin: float = LOW_MARGIN) -> dict[str, Any]:
     """The low end of good image scores, for the card's threshold entry (`low`): two-sided scores.
 
     A very low score is not a very good part: a grey frame, a covered lens or another station's view
-    reconstructs "too well" and lands far under every good part. The bound sits one spread (p90 - p10
-    of the good scores; 10 % of |min| when they are all equal) under the lowest good score, so good
-    parts do not reach it, whatever the sign or scale of the score. Used by calibrate and by train.
+    reconstructs "too well" and lands near what a frame showing nothing scores. With that floor
+    (`blank_score`, evaluation.blank_frame_scores) under the good scores, the bound sits a third of the way
+    from it to the lowest good score: scale-free, for any sign of score, and clear of good parts even when
+    few images set it (the spread of 8 images says little). Without a floor under the good scores: the
+    lowest good score minus `margin` spreads (p90 - p10; 10 % of |min| when all are equal). Used by
+    calibrate and by train.
     """
     good = np.asarray(good_scores, dtype=np.float64)
     good = good[np.isfinite(good)]
@@ -236,8 +246,13 @@ def low_bound(good_scores, margin: float = LOW_MARGIN) -> dict[str, Any]:
     spread = float(q90 - q10)
     if not spread > 0:
         spread = abs(lowest) * 0.1 or 1.0
-    return {"value": lowest - margin * spread, "method": "min-minus-spread", "margin": margin, "min": lowest,
-            "spread": spread, "n_good": int(good.size), "description": LOW_DESCRIPTION}
+    entry: dict[str, Any] = {"min": lowest, "spread": spread, "n_good": int(good.size), "blank_score": blank_score}
+    if blank_score is not None and math.isfinite(blank_score) and blank_score < lowest:
+        entry.update(value=blank_score + (lowest - blank_score) / 3.0, method="blank-third")
+    else:
+        entry.update(value=lowest - margin * spread, method="min-minus-spread", margin=margin)
+    entry["description"] = LOW_DESCRIPTIONS[entry["method"]]
+    return entry
 
 
 def apply(card: dict[str, Any], score_name: str, entry: dict[str, Any], ignore_mask: dict[str, Any] | None,

@@ -335,9 +335,25 @@ def test_low_bound_is_under_every_good_score_whatever_the_sign(good):
     assert "does not look like this station" in low["description"]
 
 
+@pytest.mark.parametrize("good, blank", [
+    (np.linspace(8.9, 11.8, 8), 0.39),  # GMM m: a test image at 6.27 is still a part
+    (np.linspace(56.3, 80.0, 8), 8.4),  # the tiny VAE's m
+    (-np.linspace(1500.0, 990.0, 50), -2984.0),  # the demo VAE's elbo: negative
+])
+def test_low_bound_sits_a_third_of_the_way_from_a_blank_frame_to_the_good_parts(good, blank):
+    from edge_agent.calibrate import low_bound
+
+    low = low_bound(good, blank)
+    assert low["method"] == "blank-third" and blank < low["value"] < good.min()
+    assert low["value"] == pytest.approx(blank + (good.min() - blank) / 3)
+    # A floor above the good scores (a score where flat frames look anomalous) says nothing: the spread rule.
+    assert low_bound(good, float(good.max()) + 1)["method"] == "min-minus-spread"
+
+
 def test_calibrate_and_train_record_the_low_bound_and_the_daemon_reads_it(capsys, model, station):
     trained = artifact.verify(model)["thresholds"]["m"]
     assert trained["low"]["value"] < trained["value"]  # train (set_training_thresholds) writes it too
+    assert trained["low"]["method"] == "blank-third" and trained["low"]["blank_score"] < trained["low"]["value"]
     code, out, _ = run_cli(capsys, "calibrate", model, "--good", station / "calib/good", "-q")
     assert code == 0 and "low bound" in out
     entry = artifact.verify(model)["thresholds"]["m"]

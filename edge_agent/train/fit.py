@@ -306,11 +306,12 @@ def _fit_anogan(sampler: CropSampler, device: torch.device, total_steps: int, st
 def set_training_thresholds(path: Path, files: list[Path], progress: bool = True) -> dict[str, Any]:
     """The seed's rule until calibration: threshold = the highest image score over the training images."""
     from edge_agent.calibrate import low_bound
-    from edge_agent.evaluation import score_files  # scoring side; imported late to keep train light
+    from edge_agent.evaluation import blank_frame_scores, score_files  # scoring side; imported late to keep train light
     from edge_agent.scoring import Scorer
 
     scorer = Scorer(path, device="cpu", threshold=math.inf, warmup=False)
     results = score_files(scorer, files, progress=progress, label="threshold")
+    blanks = blank_frame_scores(scorer, scorer.card["scores"]["names"])
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
     def change(card: dict[str, Any]) -> dict[str, Any]:
@@ -324,7 +325,7 @@ def set_training_thresholds(path: Path, files: list[Path], progress: bool = True
                 "data_fingerprint": card["training"]["data_fingerprint"],
                 "chosen_at": now,
                 "good_image_scores": quantiles(image_scores),
-                "low": low_bound(image_scores),
+                "low": low_bound(image_scores, blanks[name]),
             }
         return card
 
