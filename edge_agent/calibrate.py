@@ -218,7 +218,7 @@ def choose(good_scores, defect_scores=None, method: str = "frr", target_frr: flo
 LOW_MARGIN = 3.0
 LOW_DESCRIPTIONS = {
     "blank-third": "a third of the way from a blank frame's image score (flat mid-grey) up to the lowest good image "
-                   "score; an image score below it is nothing a good part produced: ERROR, the frame does not look "
+                   "score, at most the lowest good score minus one spread (p90 - p10); an image score below it is nothing a good part produced: ERROR, the frame does not look "
                    "like this station",
     "min-minus-spread": "lowest good image score minus margin x the spread (p90 - p10) of the good image scores; an "
                         "image score below it is nothing a good part produced: ERROR, the frame does not look like "
@@ -233,9 +233,10 @@ def low_bound(good_scores, blank_score: float | None = None, margin: float = LOW
     reconstructs "too well" and lands near what a frame showing nothing scores. With that floor
     (`blank_score`, evaluation.blank_frame_scores) under the good scores, the bound sits a third of the way
     from it to the lowest good score: scale-free, for any sign of score, and clear of good parts even when
-    few images set it (the spread of 8 images says little). Without a floor under the good scores: the
-    lowest good score minus `margin` spreads (p90 - p10; 10 % of |min| when all are equal). Used by
-    calibrate and by train.
+    few images set it (the spread of 8 images says little), and never closer to them than one spread
+    (p90 - p10; 10 % of |min| when all are equal). When a blank frame scores within two spreads of the
+    good parts (the score cannot tell them apart) or above them: the lowest good score minus `margin`
+    spreads. Used by calibrate and by train.
     """
     good = np.asarray(good_scores, dtype=np.float64)
     good = good[np.isfinite(good)]
@@ -247,8 +248,9 @@ def low_bound(good_scores, blank_score: float | None = None, margin: float = LOW
     if not spread > 0:
         spread = abs(lowest) * 0.1 or 1.0
     entry: dict[str, Any] = {"min": lowest, "spread": spread, "n_good": int(good.size), "blank_score": blank_score}
-    if blank_score is not None and math.isfinite(blank_score) and blank_score < lowest:
-        entry.update(value=blank_score + (lowest - blank_score) / 3.0, method="blank-third")
+    if blank_score is not None and math.isfinite(blank_score) and lowest - blank_score > 2 * spread:
+        # Never closer to the good parts than one spread.
+        entry.update(value=min(blank_score + (lowest - blank_score) / 3.0, lowest - spread), method="blank-third")
     else:
         entry.update(value=lowest - margin * spread, method="min-minus-spread", margin=margin)
     entry["description"] = LOW_DESCRIPTIONS[entry["method"]]
