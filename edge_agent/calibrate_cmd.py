@@ -19,9 +19,9 @@ import numpy as np
 import edge_agent
 from edge_agent import artifact, calibrate
 from edge_agent.errors import ConfigError, DataError
-from edge_agent.evaluation import (blank_frame_scores, pixel_auroc, read_masks, roc_auc, roc_curve, score_files,
-                                   write_json)
-from edge_agent.images import file_hashes, fingerprint, list_images, read_image
+from edge_agent.evaluation import (blank_frame_scores, histogram_bins, log_axis, pixel_auroc, read_masks, roc_auc,
+                                   roc_curve, score_files, write_json)
+from edge_agent.images import file_hashes, fingerprint, fitted_hashes, list_images, read_image
 from edge_agent.scoring import Scorer
 
 
@@ -122,7 +122,7 @@ def run_calibration(model: Path, good: Path, defect: Path | None = None, masks: 
 
     files = good_files + defect_files
     hashes = file_hashes(files)
-    trained = set(card.get("training", {}).get("image_hashes", []))
+    trained = fitted_hashes(card)
     overlap = [f for f, h in zip(files, hashes) if h in trained]
     if overlap:
         msg = (f"{len(overlap)} calibration images (e.g. {overlap[0]}) were used to train {model}; their scores are "
@@ -220,7 +220,9 @@ def write_report(report: Path, model: Path, name: str, entry: dict[str, Any], ol
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     every = np.r_[good_scores, defect_scores]
-    bins = np.histogram_bin_edges(np.r_[every, entry["value"]], bins=40)
+    bins = histogram_bins(np.r_[every, entry["value"]])
+    if log_axis(np.r_[every, entry["value"]]):
+        ax.set_xscale("log")
     ax.hist(good_scores, bins=bins, alpha=0.6, color="tab:blue", label=f"good ({good_scores.size})")
     if defect_scores.size:
         ax.hist(defect_scores, bins=bins, alpha=0.6, color="tab:red", label=f"defect ({defect_scores.size})")

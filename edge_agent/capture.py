@@ -34,6 +34,10 @@ class EndOfStream(Exception):
     """A finite, non-looping source has delivered its last frame."""
 
 
+class SourceUnusable(CameraError):
+    """A source that cannot work as configured (no GStreamer, no appsink): a config fix, not an outage to wait out."""
+
+
 class BadFrame(Exception):
     """One unreadable frame (a corrupt image file); counted and skipped, the source stays open."""
 
@@ -105,6 +109,11 @@ class _OpenCvSource:
         ok, image = self._cap.read()
         return image if ok else None
 
+    @staticmethod
+    def _smallest_buffer(cap: cv2.VideoCapture) -> None:
+        # A live frame must be of now: ask the backend to hold one frame, where it can (V4L2 can; FFmpeg ignores it).
+        cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+
     def close(self) -> None:
         if self._cap is not None:
             self._cap.release()
@@ -120,6 +129,7 @@ class DeviceSource(_OpenCvSource):
         api = cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY
         cap = cv2.VideoCapture(target, api)
         if cap.isOpened():
+            self._smallest_buffer(cap)
             for prop, value in (
                 (cv2.CAP_PROP_FRAME_WIDTH, self.cfg.width),
                 (cv2.CAP_PROP_FRAME_HEIGHT, self.cfg.height),
@@ -150,7 +160,9 @@ class UrlSource(_OpenCvSource):
         # FFmpeg would otherwise block forever on a dead stream; these make read() return and count as a failure.
         timeout_ms = int(self.cfg.stall_timeout_s * 1000)
         params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
-        return cv2.VideoCapture(self.cfg.uri, cv2.CAP_FFMPEG, params)
+        cap = cv2.VideoCapture(self.cfg.uri, cv2.CAP_FFMPEG, params)
+        self._smallest_buffer(cap)
+        return cap
 
     def _hint(self) -> str:
         return "check the URL, the network and the credentials (try it with ffplay)"
@@ -169,18 +181,19 @@ class GStreamerSource(_OpenCvSource):
 
     def open(self) -> None:
         if not gstreamer_available():
-            raise CameraError(
+            raise SourceUnusable(
                 f"source.kind = \"gstreamer\" but this OpenCV {cv2.__version__} was built without GStreamer "
                 "(cv2.getBuildInformation() says GStreamer: NO); install an OpenCV with GStreamer "
                 "(e.g. the distro's python3-opencv) or use kind = \"url\" / \"device\""
             )
         if "appsink" not in self.cfg.uri:
-            raise CameraError(
+            raise SourceUnusable(
                 f"GStreamer pipeline {self.cfg.uri!r} has no appsink; end it with '! videoconvert ! appsink'"
             )
         super().open()
 
     def _create(self) -> cv2.VideoCapture:
+        # Bound the buffer in the pipeline itself: end it with `appsink max-buffers=1 drop=true`.
         return cv2.VideoCapture(self.cfg.uri, cv2.CAP_GSTREAMER)
 
     def _hint(self) -> str:
@@ -292,7 +305,8 @@ class Capture:
     """Reads a FrameSource on its own thread and hands each Frame to on_frame.
 
     Pacing (`self.pace`):
-    - "live" (device, URL, GStreamer): frames are passed on as the camera makes them;
+    - "live" (device, URL, GStreamer): read continuously, frames are passed on as the camera makes
+      them and on_frame must not block (the backend's buffer would fill with old frames);
       the pipeline's queue keeps the latest and counts the drops.
     - "fps" (file/folder with source.fps): replay at that rate, on a deadline so it does not drift.
     - "consumer" (file/folder without fps): back-pressure. on_frame is expected to block until
@@ -302,6 +316,9 @@ class Capture:
     A read that returns None, raises CameraError or takes longer than stall_timeout_s is an outage: the source is
     closed and reopened with exponential backoff (stop.wait, so shutdown is prompt). A blocking
     read is bounded by the backend (URL sources set FFmpeg's read timeout from stall_timeout_s).
+    A live source that cannot be opened at start is retried the same way (camera down); a file or
+    folder that cannot be opened at start is a CameraError from start(). An unexpected exception on the
+    thread (a bug) calls on_fatal(reason): nothing is captured any more, so the agent must exit.
     """
 
     def __init__(
@@ -311,44 +328,58 @@ class Capture:
         on_frame: Callable[[Frame], None],
         stop: threading.Event,
         metrics: CaptureMetrics | None = None,
-        expected_shape: tuple[int, int, int] | None = None,
         *,
         name: str | None = None,
         on_end: Callable[[], None] | None = None,
         on_camera: Callable[[bool], None] | None = None,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
-        """expected_shape: (H, W, C) the model takes; other frames are rejected and counted.
-        on_end: called once when a non-looping file/folder is done. on_camera: camera up/down changes."""
+        """on_end: called once when a non-looping file/folder is done. on_camera: camera up/down changes
+        (the first call says the state at start). on_fatal: the thread died of a bug."""
         self.source = source
         self.cfg = cfg
         self.on_frame = on_frame
         self.stop = stop
         self.metrics = metrics
-        self.expected_shape = expected_shape
         self.name = name or source.describe()
         self.on_end = on_end
         self.on_camera = on_camera
+        self.on_fatal = on_fatal
         self.pace: Pace = ("fps" if cfg.fps else "consumer") if source.finite else "live"
-        self.counts: Counter[str] = Counter()  # frames, reconnects, wrong_size, bad_frame, stalls
-        self.ended = threading.Event()
+        self.counts: Counter[str] = Counter()  # frames, reconnects, bad_frame, stalls
         self._seq = 0
-        self._up = False
+        self._seq_lock = threading.Lock()
+        self._up: bool | None = None  # None until the first up/down is known
         self._down_since: float | None = None
         self._delay_s = cfg.reconnect_min_s
         self._warned: set[tuple[str, object]] = set()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Open the source (CameraError if it cannot be opened: a startup fault), then start the thread."""
-        self.source.open()
+        """Open the source, then start the thread. A live camera that is not there yet is retried on the
+        thread (camera down); a file or folder that cannot be opened raises CameraError."""
+        try:
+            self.source.open()
+            opened = True
+        except CameraError as e:
+            if self.source.finite or isinstance(e, SourceUnusable):
+                raise
+            self._set_down(str(e))
+            opened = False
         logger.info("capturing from %s (pace: %s)", self.source.describe(), self.pace)
-        self._thread = threading.Thread(target=self._run, name=f"capture:{self.name}", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(opened,), name=f"capture:{self.name}", daemon=True)
         self._thread.start()
 
     @property
-    def last_seq(self) -> int:
-        """The seq of the last frame handed on (0 before the first)."""
-        return self._seq
+    def up(self) -> bool:
+        """True while the source delivers frames."""
+        return bool(self._up)
+
+    def next_seq(self) -> int:
+        """A new seq, unique within this process (frames, and verdicts of triggers that got no frame)."""
+        with self._seq_lock:
+            self._seq += 1
+            return self._seq
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the thread; True if it has ended."""
@@ -357,8 +388,7 @@ class Capture:
             return not self._thread.is_alive()
         return True
 
-    def _run(self) -> None:
-        opened = True
+    def _run(self, opened: bool = True) -> None:
         try:
             while True:
                 if opened:
@@ -369,9 +399,11 @@ class Capture:
                     return
                 self._delay_s = min(self._delay_s * 2, self.cfg.reconnect_max_s)
                 opened = self._reopen()
-        except Exception:
-            # A bug, not a camera fault; the watchdog notices the missing progress.
-            logger.exception("capture from %s failed", self.source.describe())
+        except Exception as e:
+            # A bug, not a camera fault: nothing is captured any more, so the agent must not look alive.
+            logger.exception("capture from %s failed; the capture thread ends", self.source.describe())
+            if self.on_fatal is not None:
+                self.on_fatal(f"{type(e).__name__}: {e}")
         finally:
             self.source.close()
             self._set_up(False)
@@ -404,16 +436,15 @@ class Capture:
                 image = self.source.read()
             except EndOfStream:
                 logger.info("%s ended after %d frames", self.source.describe(), self.counts["frames"])
-                self.ended.set()
                 if self.on_end is not None:
                     self.on_end()
                 return "end"
             except BadFrame as e:
                 # Counted, and still handed on: a part was there, so it gets an ERROR verdict, never silence.
                 self._reject("bad_frame", str(e), "unreadable frame: %s", e)
-                self._seq += 1
-                self.on_frame(Frame(self._seq, np.zeros((0, 0), np.uint8), captured_at=time.time(),
-                                    source=self.source.describe(), error=f"unreadable frame: {e}"))
+                self.on_frame(Frame(self.next_seq(), np.zeros((0, 0), np.uint8), captured_at=time.time(),
+                                    source=self.source.describe(), error=f"unreadable frame: {e}",
+                                    read_started_mono=started))
                 continue
             except CameraError as e:
                 self._set_down(str(e))
@@ -427,31 +458,12 @@ class Capture:
                 self._set_down(f"read stalled for {read_s:.1f} s (stall_timeout_s={self.cfg.stall_timeout_s})")
                 return "outage"
             first_read = False
-            if not self._shape_ok(image):
-                continue
             self._frame_arrived()
-            self._seq += 1
             self.counts["frames"] += 1
-            frame = Frame(
-                self._seq, image, captured_at=time.time(), source=self.source.describe(), stage_s={"capture": read_s}
-            )
+            frame = Frame(self.next_seq(), image, captured_at=time.time(), source=self.source.describe(),
+                          stage_s={"capture": read_s}, read_started_mono=started)
             self.on_frame(frame)
         return "stop"
-
-    def _shape_ok(self, image: np.ndarray) -> bool:
-        if self.expected_shape is None:
-            return True
-        shape = tuple(image.shape) if image.ndim == 3 else (*image.shape, 1)
-        if shape == tuple(self.expected_shape) and image.dtype == np.uint8:
-            return True
-        self._reject(
-            "wrong_size",
-            (shape, image.dtype.str),
-            "rejecting frames of shape %s %s from %s; the model expects %s uint8 "
-            "(set source.width/height or fix the ROI)",
-            shape, image.dtype, self.source.describe(), tuple(self.expected_shape),
-        )
-        return False
 
     def _reject(self, reason: str, key: object, msg: str, *args: object) -> None:
         # One WARNING per new kind of bad frame (a shape, a file); repeats go to DEBUG and the counter.

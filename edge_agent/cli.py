@@ -92,8 +92,21 @@ def train(
     refine_steps: Annotated[int, typer.Option(help="anogan: search steps from the encoder's z (k).")] = 10,
     search_lr: Annotated[float, typer.Option(help="anogan: Adam learning rate of the latent search.")] = 0.05,
     latent_search: Annotated[str, typer.Option(help="anogan default score: encoder, encoder+refine or random.")] = "encoder+refine",
-    threshold_images: Annotated[Optional[int], typer.Option(help="Set the max-train threshold from only this many "
-                                                                  "training images (evenly spaced); default: all.")] = None,
+    threshold_images: Annotated[Optional[int], typer.Option(help="Score at most this many held-out images for the "
+                                                                  "initial threshold (evenly spaced); default: all.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps; default: max(epochs x steps per epoch, "
+                                                      "--min-steps).")] = None,
+    min_steps: Annotated[int, typer.Option(help="At least this many steps, however few the images.")] = 2000,
+    holdout: Annotated[float, typer.Option(help="Share of the good images held out of training for the initial "
+                                                "threshold (FRR method) and the anomaly map's statistics.")] = 0.2,
+    lr_schedule: Annotated[str, typer.Option(help="cosine (decay over the budget) or constant (the seed's).")] = "cosine",
+    early_stop: Annotated[bool, typer.Option(help="Stop when the held-out loss stops improving.")] = True,
+    anomaly_map: Annotated[bool, typer.Option(help="Add the anomaly-map score (smoothed pixel map, the default "
+                                                   "score) next to the patch scores.")] = True,
+    blur_sigma: Annotated[Optional[float], typer.Option(help="Anomaly map blur in px; default: patch size / 16.")] = None,
+    position_stats: Annotated[bool, typer.Option(help="Compare the anomaly map with good parts at the same place "
+                                                      "(fixtured parts); --no-position-stats for free-lying parts.")] = True,
+    target_frr: Annotated[float, typer.Option(help="False-reject rate the initial threshold aims at.")] = 0.01,
 ) -> None:
     """Train a model on good images and export one self-describing TorchScript file.
 
@@ -113,19 +126,39 @@ def train(
         raise DataError("--nh, --components, --crops-per-image must be >= 1, --gamma-steps and --refine-steps >= 0, "
                         "--lambda in [0, 1]")
     if threshold_images is not None and threshold_images < 1:
-        raise DataError(f"--threshold-images {threshold_images} must be >= 1 (leave it out to use every training image)")
+        raise DataError(f"--threshold-images {threshold_images} must be >= 1 (leave it out to use every held-out image)")
+    if steps is not None and steps < 1 or min_steps < 1:
+        raise DataError(f"--steps {steps} / --min-steps {min_steps} must be >= 1")
+    if not 0 <= holdout < 1:
+        raise DataError(f"--holdout {holdout} must be a share in [0, 1), e.g. 0.2 (0 trains on every image)")
+    if lr_schedule not in ("cosine", "constant"):
+        raise DataError(f"--lr-schedule {lr_schedule!r} must be cosine or constant")
+    if blur_sigma is not None and blur_sigma < 0:
+        raise DataError(f"--blur-sigma {blur_sigma} must be >= 0 (0 = no blur)")
+    if not 0 < target_frr < 1:
+        raise DataError(f"--target-frr {target_frr} must be a rate between 0 and 1 (e.g. 0.01)")
     opts = TrainOptions(model=model, patch_size=patch_size, stride=stride, channels=channels, nc=nc, nz=nz,
                         batch_size=batch_size, epochs=epochs, max_minutes=max_minutes, lr=lr,
                         weight_decay=weight_decay, seed=seed, device=device, precision=precision, name=name,
                         progress=not quiet, nh=nh, components=components, reg_covar=reg_covar,
                         crops_per_image=crops_per_image, gamma_steps=gamma_steps, lam=lam, refine_steps=refine_steps,
-                        search_lr=search_lr, latent_search=latent_search, threshold_images=threshold_images)
+                        search_lr=search_lr, latent_search=latent_search, threshold_images=threshold_images,
+                        steps=steps, min_steps=min_steps, holdout=holdout, lr_schedule=lr_schedule,
+                        early_stop=early_stop, anomaly_map=anomaly_map, blur_sigma=blur_sigma,
+                        position_stats=position_stats, target_frr=target_frr)
     card = fit(data_dir, out, opts)
     t = card["training"]
     th = card["thresholds"][card["scores"]["default"]]
+    if th["method"] == "frr":
+        how = (f"FRR method on {th['n_good']} held-out good images: true FRR <= {th['frr_upper_bound']:.3g} at "
+               f"{th['confidence']:g} confidence" + ("" if th["enough_good_images"] else
+                                                      f"; {th['n_min_for_target']} needed for {opts.target_frr:g}, "
+                                                      "calibrate on more good parts"))
+    else:
+        how = f"max over {th['images']} training images: too few to hold out; calibrate on more good parts"
     typer.echo(f"wrote {out}: {card['family']} P={opts.patch_size} S={opts.stride}, {t['steps']} steps in "
-               f"{t['seconds']} s ({t['stopped_by']}), final loss {t['final_loss']:.4g}; threshold "
-               f"{card['scores']['default']} = {th['value']:.6g} (max over {th['images']} training images)", err=True)
+               f"{t['seconds']} s (stopped: {t['stopped_by']}), final loss {t['final_loss']:.4g}; threshold "
+               f"{card['scores']['default']} = {th['value']:.6g} ({how})", err=True)
 
 
 @app.command()
@@ -221,10 +254,13 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     allow_overlap: Annotated[bool, typer.Option(help="Evaluate even if test images were used for training.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    kinds: Annotated[Optional[Path], typer.Option(help="CSV of image,kind lines for per-kind numbers; default: "
+                                                       "kinds.csv in the --defect folder when there is one.")] = None,
     config: Station = None,
     models: Annotated[Optional[list[Path]], typer.Argument(help="One or more model files to compare; left out with --config.")] = None,
 ) -> None:
-    """Image ROC-AUC (the seed's metric), pixel ROC-AUC, best-F1 threshold; several scores and models in one report."""
+    """Image ROC-AUC (the seed's metric), pixel ROC-AUC, best F1, recall at 1 % false rejects, per defect kind;
+    several scores and models in one report."""
     from edge_agent.evaluate_cmd import run_evaluation
 
     station = None
@@ -234,7 +270,7 @@ def evaluate(
         station = _station_model(config, device)[0]
     elif not models:
         raise ConfigError("Missing argument 'MODELS...': give one or more model files, or --config station.toml")
-    summary = run_evaluation(models or [], good, defect, masks, score_names, report, device, allow_overlap, not quiet,
+    summary = run_evaluation(models or [], good, defect, masks, score_names, report, device, allow_overlap, not quiet, kinds,
                              station=station)
     typer.echo(summary)
 
@@ -277,14 +313,22 @@ def synth(
     video: Annotated[Optional[Path], typer.Option(help="Also write a station video (.avi) here.")] = None,
     frames: Annotated[int, typer.Option(help="Frames in the video.")] = 100,
     defect_every: Annotated[int, typer.Option(help="Every Nth part in the video is defective (0 = none).")] = 5,
+    height: Annotated[int, typer.Option(help="Image height in pixels.")] = 128,
+    width: Annotated[Optional[int], typer.Option(help="Image width in pixels (default: the height).")] = None,
+    kind: Annotated[str, typer.Option(help="part: a machined part with a threaded hole (fixtured); "
+                                           "texture: a surface with no fixed geometry.")] = "part",
 ) -> None:
-    """Write the bundled synthetic station: good parts (train/calib/test), defects with masks, a video."""
-    from edge_agent.synth import write_dataset, write_video
+    """Write a synthetic station: good parts (train/calib/test), defects with masks, a video."""
+    from edge_agent.synth import KINDS, write_dataset, write_video
 
-    counts = write_dataset(out, train_images, calib_images, test_good, test_defect, seed)
+    if kind not in KINDS:
+        raise typer.BadParameter(f"{kind!r} is not a kind; choose one of: {', '.join(KINDS)}", param_hint="--kind")
+    if height < 32 or (width is not None and width < 32):
+        raise typer.BadParameter(f"{width or height} px is too small; use at least 32", param_hint="--height/--width")
+    counts = write_dataset(out, train_images, calib_images, test_good, test_defect, seed, height, width, kind)
     typer.echo(f"wrote {sum(counts.values())} images to {out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()), err=True)
     if video is not None:
-        bad = write_video(video, frames, seed, defect_every)
+        bad = write_video(video, frames, seed, defect_every, size=height, width=width, kind=kind)
         typer.echo(f"wrote {video}: {len(bad)} frames, {sum(bad)} defective", err=True)
 
 

@@ -76,6 +76,25 @@ class InspectionConfig(Section):
     )
     max_fps: float = Field(0.0, ge=0, description="Free-run rate cap in frames/s; 0 = every frame the scorer can take.")
     queue_size: int = Field(2, ge=1, le=64, description="Frames waiting for inference; the oldest is dropped when full.")
+    default_recipe: str = Field(
+        "", description="Recipe for free-run frames and triggers without a recipe; empty = the only one in [recipes]."
+    )
+
+
+class TriggerConfig(Section):
+    deadline_s: float = Field(
+        5.0, gt=0, description="A trigger with no frame within this many seconds gets an ERROR verdict and is never "
+        "paired with a later frame."
+    )
+    remember: int = Field(
+        1024, ge=1, le=1_000_000, description="Recent trigger_ids remembered, so a PLC retry is answered, not inspected twice."
+    )
+
+
+class RecipeConfig(Section):
+    model: Path = Field(description="The TorchScript model file for this recipe; [model] gives device, precision etc.")
+    threshold: float | None = Field(None, description="Override this model card's threshold.")
+    ignore_mask: Path | None = Field(None, description="PNG whose black pixels mark areas that do not count.")
 
 
 class QualityConfig(Section):
@@ -201,6 +220,11 @@ class Config(Section):
     source: SourceConfig = Field(description="Where frames come from.")
     inspection: InspectionConfig = Field(default_factory=InspectionConfig, description="When to inspect.")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="Which frames can be judged at all.")
+    trigger: TriggerConfig = Field(default_factory=TriggerConfig, description="PLC triggers.")
+    recipes: dict[str, RecipeConfig] = Field(
+        default_factory=dict,
+        description="Recipe name -> model; a trigger's recipe picks the model. None: [model] judges every trigger.",
+    )
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Where verdicts go.")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="Durable delivery.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint.")
@@ -214,6 +238,27 @@ class Config(Section):
         if isinstance(data, dict) and "mqtt" not in data:
             data = {**data, "mqtt": {}}
         return data
+    @model_validator(mode="after")
+    def _default_recipe_known(self) -> Config:
+        default, names = self.inspection.default_recipe, sorted(self.recipes)
+        if self.recipes and not default and len(names) > 1:
+            raise ValueError(f"inspection.default_recipe is empty but there are {len(names)} recipes; set it to one "
+                             f"of {names}")
+        if default and default not in self.recipes:
+            known = f"one of {names}" if names else "a recipe defined as [recipes.<name>] model = \"...\""
+            raise ValueError(f"inspection.default_recipe = {default!r} is not a recipe; set it to {known}")
+        return self
+
+    def recipe_models(self) -> dict[str, ModelConfig]:
+        """Recipe name -> its model settings; without [recipes], one recipe "" from [model]."""
+        if not self.recipes:
+            return {"": self.model}
+        return {name: self.model.model_copy(update={"path": r.model, "threshold": r.threshold,
+                                                    "ignore_mask": r.ignore_mask})
+                for name, r in self.recipes.items()}
+
+    def default_recipe_name(self) -> str:
+        return self.inspection.default_recipe or (sorted(self.recipes)[0] if self.recipes else "")
 
 
 def _check_topic_level(level: str) -> None:
@@ -314,8 +359,11 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     src = config.source
     if src.kind in ("file", "folder") and not Path(src.uri).is_absolute():
         src = src.model_copy(update={"uri": str(base / src.uri)})
+    recipes = {name: r.model_copy(update={"model": fix(r.model), "ignore_mask": fix(r.ignore_mask)})
+               for name, r in config.recipes.items()}
     return config.model_copy(
         update={
+            "recipes": recipes,
             "model": config.model.model_copy(
                 update={"path": fix(config.model.path), "ignore_mask": fix(config.model.ignore_mask)}
             ),

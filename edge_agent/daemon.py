@@ -69,6 +69,28 @@ def load_ignore_mask(path: Path | None, scorer: Any) -> np.ndarray | None:
     return mask
 
 
+def load_recipes(config: Config, warmup: bool = True) -> dict[str, Model]:
+    """Every recipe's model, loaded, verified, warmed up and checked against the camera's frame size."""
+    from edge_agent.pipeline import expected_frame
+
+    models: dict[str, Model] = {}
+    for name, cfg in config.recipe_models().items():
+        try:
+            model = load_model(cfg, warmup=warmup)
+            check_fit(config, model)
+        except EdgeAgentError as e:
+            if not config.recipes:
+                raise
+            raise type(e)(f"recipe {name!r}: {e}") from None
+        models[name] = model
+    sizes = {name: expected_frame(m.scorer) for name, m in models.items()}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{n} {w}x{h}x{c}" for n, (h, w, c) in sizes.items())
+        raise ModelError(f"the recipes' models take different frame sizes ({listed}); one camera gives one size: "
+                         "use models trained on the same frame size")
+    return models
+
+
 def check_fit(config: Config, model: Model) -> None:
     """The frame size the config asks the camera for must be the size the model takes."""
     from edge_agent.pipeline import expected_frame
@@ -88,7 +110,7 @@ def check(config_path: Path, overrides: list[str]) -> list[str]:
     except ConfigError as e:
         return str(e).splitlines()
     try:
-        check_fit(config, load_model(config.model, warmup=False))
+        load_recipes(config, warmup=False)
     except EdgeAgentError as e:
         return str(e).splitlines()
     return []
@@ -121,8 +143,8 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
     config = load_config(config_path, overrides)
     logging.getLogger().setLevel(config.logging.level)
     stop = threading.Event()
-    model = load_model(config.model)
-    check_fit(config, model)
+    recipes = load_recipes(config)
+    model = recipes[config.default_recipe_name()]
     scorer = model.scorer
     metrics = Metrics(threshold=scorer.threshold, good_image_scores=scorer.good_image_scores)
     _model_info(metrics, model)
@@ -138,9 +160,11 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
             stack.callback(broker.stop)
         retention = Retention(config.retention) if config.retention.enabled else None
         pipeline = Pipeline(config, model, make_source(config.source), None, metrics, stop, watchdog=watchdog,
-                            retention=retention, boot_id=boot_id, max_frames=max_frames, on_verdict=on_verdict)
+                            retention=retention, boot_id=boot_id, max_frames=max_frames, on_verdict=on_verdict,
+                            recipes=recipes)
         publisher = MqttPublisher(config.mqtt, config.station.id, outbox, on_trigger=pipeline.trigger,
-                                  on_delivered=pipeline.delivered, metrics=metrics)
+                                  on_delivered=pipeline.delivered, metrics=metrics,
+                                  info=lambda: status_info(config, pipeline))
         pipeline.publisher = publisher
         publisher.start()
         stack.callback(publisher.stop, config.outbox.flush_timeout_s)
@@ -160,7 +184,25 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
         if not publisher.flush(config.outbox.flush_timeout_s):
             logger.warning("%d messages not yet acknowledged stay in the outbox %s for the next start",
                            outbox.depth(), outbox.path)
+    if pipeline.fatal is not None:
+        raise EdgeAgentError(pipeline.fatal)  # exit 1: systemd restarts the agent
     return 0
+
+
+def status_info(config: Config, pipeline: Pipeline) -> dict[str, Any]:
+    """The retained status/info document: what this agent runs, for integrators."""
+    return {
+        "station": config.station.id,
+        "boot_id": pipeline.boot_id,
+        "mode": config.inspection.mode,
+        "source": pipeline.source.describe(),
+        "camera": "up" if pipeline.capture.up else "down",
+        "default_recipe": pipeline.default_recipe or None,
+        "recipes": {name or "": {"model_id": m.scorer.model_id, "checksum": m.scorer.checksum,
+                                 "score_name": m.scorer.score_name, "threshold": m.scorer.threshold}
+                    for name, m in pipeline.recipes.items()},
+        "trigger_deadline_s": config.trigger.deadline_s,
+    }
 
 
 def _model_info(metrics: Metrics, model: Model) -> None:
@@ -205,12 +247,16 @@ class _Reloader:
             systemd.reloading()
             try:
                 config = load_config(self.config_path, self.overrides)
-                for section in ("station", "source", "inspection", "mqtt", "outbox", "metrics", "retention"):
+                for section in ("station", "source", "inspection", "trigger", "mqtt", "outbox", "metrics", "retention"):
                     if getattr(config, section) != getattr(self.config, section):
                         logger.warning("reload: changes in [%s] take effect only after a restart", section)
-                model = load_model(config.model)
-                check_fit(self.config, model)
-                self.pipeline.swap_model(model)
+                if set(config.recipes) != set(self.config.recipes):
+                    raise ConfigError(f"the recipe names changed ({sorted(self.config.recipes)} -> "
+                                      f"{sorted(config.recipes)}); restart the agent to add or remove recipes")
+                recipes = load_recipes(config.model_copy(update={"source": self.config.source,
+                                                                 "inspection": self.config.inspection}))
+                model = recipes[self.config.default_recipe_name()]
+                self.pipeline.swap_model(model, recipes)
             except EdgeAgentError as e:
                 logger.error("reload failed, keeping model %s (threshold %.6g): %s",
                              self.pipeline.model.scorer.model_id, self.pipeline.model.scorer.threshold, e)
@@ -222,6 +268,9 @@ class _Reloader:
                 systemd.ready()
             s = model.scorer
             _model_info(self.metrics, model)
+            publish_info = getattr(self.pipeline.publisher, "publish_info", None)
+            if publish_info is not None:
+                publish_info()
             logger.info("reloaded model %s (checksum %s, %s, threshold %.6g)", s.model_id, s.checksum[:12],
                         s.score_name, s.threshold)
             return True

@@ -56,9 +56,9 @@ def score_files(scorer: Scorer, files: list[Path], names: list[str] | None = Non
             grid, patches = scorer.patches(read_image(f))
             t0 = time.perf_counter()
             if names is not None and len(names) == 1:
-                scores = {names[0]: scorer.score_patches(patches, names[0])}
+                scores = {names[0]: scorer.score_frame(grid, patches, names[0])}
             else:
-                scores = scorer.score_patches_all(patches)
+                scores = scorer.score_frame_all(grid, patches)
                 if names is not None:
                     scores = {n: scores[n] for n in names}
             run.model_seconds += time.perf_counter() - t0
@@ -75,8 +75,8 @@ def blank_frame_scores(scorer: Scorer, names: list[str]) -> dict[str, float]:
     h = int(card_input.get("frame_height") or 4 * scorer.patch_size)
     w = int(card_input.get("frame_width") or 4 * scorer.patch_size)
     shape = (h, w) if scorer.channels == 1 else (h, w, scorer.channels)
-    _grid, patches = scorer.patches(np.full(shape, 128, np.uint8))
-    return {name: float(np.max(scorer.score_patches(patches, name))) for name in names}
+    grid, patches = scorer.patches(np.full(shape, 128, np.uint8))
+    return {name: float(np.max(scorer.score_frame(grid, patches, name))) for name in names}
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -126,6 +126,31 @@ def operating_point(labels: np.ndarray, scores: np.ndarray, threshold: float) ->
     return {"threshold": float(threshold), "precision": precision, "recall": recall, "f1": f1,
             "false_reject_rate": fp / n_good if n_good else float("nan"),
             "miss_rate": fn / (tp + fn) if tp + fn else float("nan")}
+
+
+def recall_at_frr(labels: np.ndarray, scores: np.ndarray, frr: float = 0.01) -> dict[str, float]:
+    """The operating point of the lowest threshold that rejects at most `frr` of the good images (strict >):
+    how many defects a line tuned to that false-reject rate on these images would catch."""
+    labels = np.asarray(labels).astype(bool)
+    good = np.sort(np.asarray(scores, dtype=np.float64)[~labels])[::-1]
+    allowed = int(np.floor(frr * len(good) + 1e-9))  # good images that may lie over the threshold
+    threshold = float(good[allowed]) if allowed < len(good) else float(good[-1]) - 1.0
+    return {"target_frr": frr, **operating_point(labels, scores, threshold)}
+
+
+def log_axis(values: np.ndarray) -> bool:
+    """True when positive scores span more than two decades: a linear histogram would show one bar."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return bool(v.size and v.min() > 0 and v.max() / v.min() > 100)
+
+
+def histogram_bins(values: np.ndarray, bins: int = 40) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if log_axis(v):
+        return np.geomspace(v.min(), v.max(), bins + 1)
+    return np.histogram_bin_edges(v, bins=bins)
 
 
 def best_f1(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
@@ -202,13 +227,16 @@ def write_plots(report_dir: Path, curves: dict[str, dict[str, Any]]) -> list[Pat
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.3 * rows), squeeze=False)
     for ax, (label, c) in zip(axes.ravel(), curves.items()):
         s, lab = np.asarray(c["scores"]), np.asarray(c["labels"]).astype(bool)
-        bins = np.histogram_bin_edges(s[np.isfinite(s)], bins=40)
+        bins = histogram_bins(s)
+        if log_axis(s):
+            ax.set_xscale("log")
         ax.hist(s[~lab], bins=bins, alpha=0.6, label="good", color="tab:blue")
         ax.hist(s[lab], bins=bins, alpha=0.6, label="defect", color="tab:red")
         for key, style in (("threshold", "k--"), ("best_f1_threshold", "g:")):
             if c.get(key) is not None and np.isfinite(c[key]):
                 ax.axvline(c[key], color=style[0], linestyle=style[1:], lw=1, label=key.replace("_", " "))
-        ax.set(title=label, xlabel="image score (max patch score)", ylabel="images")
+        ax.set(title=label, xlabel="image score (max patch score)" + (", log scale" if log_axis(s) else ""),
+               ylabel="images")
         ax.legend(fontsize=7)
     for ax in axes.ravel()[n:]:
         ax.axis("off")

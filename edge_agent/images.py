@@ -57,3 +57,11 @@ def fingerprint(files: list[Path]) -> str:
     for f, digest in zip(files, file_hashes(files)):
         h.update(f.name.encode() + b"\0" + digest.encode())
     return "sha256:" + h.hexdigest()
+
+
+def fitted_hashes(card: dict) -> set[str]:
+    """Hashes of the images a model's parameters were fitted on: its training images and those that gave the
+    anomaly map's position statistics. Scores on them are optimistic: no calibration or test image."""
+    used = set(card.get("training", {}).get("image_hashes", []))
+    position = (card.get("anomaly_map") or {}).get("position") or {}
+    return used | set(position.get("image_hashes", []))

@@ -140,7 +140,7 @@ class Metrics:
             self.error_verdicts.labels(reason=reason)
         for reason in BAD_FRAME_REASONS:
             self.bad_frames.labels(reason=reason)
-        for result in ("accepted", "rejected"):
+        for result in ("accepted", "rejected", "duplicate"):
             self.triggers.labels(result=result)
 
     # Capture
@@ -228,6 +228,10 @@ class Metrics:
 
     def trigger_accepted(self) -> None:
         self.triggers.labels(result="accepted").inc()
+
+    def trigger_duplicate(self) -> None:
+        """A repeated trigger_id (a PLC retry): answered, not inspected again."""
+        self.triggers.labels(result="duplicate").inc()
 
     def trigger_rejected(self, reason: str) -> None:
         # The reason goes to the caller's log line, not a label: free-form text would explode cardinality.

@@ -10,13 +10,18 @@ Topics, all under <prefix>/<station>/ (docs/MQTT.md has payload examples):
                      (same client, same QoS, so the broker keeps the order). MQTT 5 adds user
                      properties `message_id` and `seq` and content type image/jpeg; on 3.1.1 a
                      heatmap belongs to the last verdict with `heatmap: true` before it.
-- status             out, QoS 1, retained. `online` after each connect; `offline` on a clean
-                     stop and as the Last Will when the agent dies or loses the network.
+- status             out, QoS 1, retained. `online` once the broker acknowledged the trigger
+                     subscription (SUBACK) after a connect; `offline` on a clean stop and as the
+                     Last Will when the agent dies or loses the network.
+- status/info        out, QoS 1, retained. JSON: what the agent runs (boot id, mode, recipes with
+                     model ids and checksums, camera up/down); renewed on connect and on changes.
 - trigger            in, QoS 1. PLC trigger JSON
                      {"part_id": "...", "trigger_id": "...", "recipe": "...", "job_id": "..."};
                      only part_id is required; a trigger_id is generated when absent.
 - trigger/response   out, QoS 1, not retained. {"ok": true, "trigger_id", "part_id"} for an
-                     accepted trigger, {"ok": false, "reason", "error", "input"} for a rejected one.
+                     accepted trigger (plus "duplicate" for a repeated trigger_id), {"ok": false,
+                     "reason", "error", "input", and "trigger_id"/"part_id" where readable} for a
+                     rejected one. triggers.py holds the contract.
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ import ssl
 import queue
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -39,13 +43,11 @@ from paho.mqtt.packettypes import PacketTypes
 from edge_agent.config import MqttConfig
 from edge_agent.errors import ConfigError
 from edge_agent.frames import Trigger
+from edge_agent.triggers import TriggerDesk
 from edge_agent.outbox import Message, Outbox
 
 logger = logging.getLogger(__name__)
 
-MAX_TRIGGER_BYTES = 4096
-MAX_TRIGGER_FIELD_CHARS = 256
-TRIGGER_FIELDS = ("part_id", "trigger_id", "recipe", "job_id")
 # Messages handed to paho and not yet acknowledged. Bounds paho's in-memory queue (it resends
 # these itself after a reconnect) and stays under paho's default max_inflight of 20.
 INFLIGHT_WINDOW = 16
@@ -61,14 +63,6 @@ def _not_noise(record: logging.LogRecord) -> bool:
 
 _paho_logger = logging.getLogger(__name__ + ".paho")
 _paho_logger.addFilter(_not_noise)
-
-
-class TriggerError(ValueError):
-    """A trigger message the agent cannot accept; `reason` is a short metric label."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 class MqttMetrics(Protocol):
@@ -87,72 +81,24 @@ class Topics:
     verdict: str
     heatmap: str
     status: str
+    status_info: str
     trigger: str
     trigger_response: str
 
     @classmethod
     def for_station(cls, prefix: str, station: str) -> Topics:
         base = f"{prefix}/{station}"
-        return cls(f"{base}/verdict", f"{base}/heatmap", f"{base}/status", f"{base}/trigger",
-                   f"{base}/trigger/response")
-
-
-def parse_trigger(payload: bytes, received_at: float | None = None) -> Trigger:
-    """A PLC trigger from its MQTT payload; raises TriggerError saying what is wrong."""
-    if len(payload) > MAX_TRIGGER_BYTES:
-        raise TriggerError("too_large", f"trigger is {len(payload)} bytes; the limit is {MAX_TRIGGER_BYTES}")
-    try:
-        data = json.loads(payload.decode("utf-8"))
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise TriggerError("json", f"trigger is not UTF-8 JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise TriggerError("type", f"trigger must be a JSON object, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(TRIGGER_FIELDS))
-    if unknown:
-        raise TriggerError("unknown_field", f"unknown trigger field(s) {unknown}; valid fields: {list(TRIGGER_FIELDS)}")
-    if data.get("part_id") is None:
-        raise TriggerError("missing_part_id", 'trigger has no part_id; send e.g. {"part_id": "A123"}')
-    for key, value in data.items():
-        if value is None and key != "part_id":
-            continue
-        if not isinstance(value, str) or not value:
-            raise TriggerError("type", f"trigger field {key} must be a non-empty string, got {value!r:.60}")
-        if len(value) > MAX_TRIGGER_FIELD_CHARS:
-            raise TriggerError("type", f"trigger field {key} is {len(value)} characters; the limit is "
-                               f"{MAX_TRIGGER_FIELD_CHARS}")
-    return Trigger(
-        trigger_id=data.get("trigger_id") or uuid.uuid4().hex,
-        part_id=data["part_id"],
-        recipe=data.get("recipe"),
-        job_id=data.get("job_id"),
-        received_at=time.time() if received_at is None else received_at,
-    )
-
-
-class TokenBucket:
-    """rate_per_s tokens a second, bursts up to `burst`; take() never waits."""
-
-    def __init__(self, rate_per_s: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate_per_s, self.burst, self._clock = rate_per_s, burst, clock
-        self._tokens, self._at = burst, clock()
-        self._lock = threading.Lock()
-
-    def take(self) -> bool:
-        with self._lock:
-            now = self._clock()
-            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate_per_s)
-            self._at = now
-            if self._tokens >= 1:
-                self._tokens -= 1
-                return True
-            return False
+        return cls(f"{base}/verdict", f"{base}/heatmap", f"{base}/status", f"{base}/status/info",
+                   f"{base}/trigger", f"{base}/trigger/response")
 
 
 class MqttPublisher:
     """Owns the paho client and the `publish` thread. publish_verdict() never waits for the broker.
 
-    on_trigger runs on paho's network thread: it must only hand the trigger on (e.g. a queue).
+    on_trigger runs on paho's network thread: it must only hand the trigger on (e.g. a queue);
+    it returns extra answer fields or None and raises TriggerError to refuse (triggers.TriggerDesk).
     on_delivered(message, latency_s) runs after each PUBACK, latency_s since publish_verdict().
+    info() returns the status/info document; publish_info() renews it.
     """
 
     def __init__(
@@ -160,19 +106,22 @@ class MqttPublisher:
         config: MqttConfig,
         station: str,
         outbox: Outbox,
-        on_trigger: Callable[[Trigger], None] | None = None,
+        on_trigger: Callable[[Trigger], dict[str, Any] | None] | None = None,
         on_delivered: Callable[[Message, float], None] | None = None,
         metrics: MqttMetrics | None = None,
+        info: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.config = config
         self.station = station
         self.outbox = outbox
         self.topics = Topics.for_station(config.prefix, station)
         self.host = config.host or "127.0.0.1"
-        self._on_trigger = on_trigger
         self._on_delivered = on_delivered
         self._metrics = metrics
-        self._bucket = TokenBucket(config.trigger_rate_per_s, max(1.0, config.trigger_rate_per_s))
+        self._info = info
+        self._desk = TriggerDesk(config.trigger_rate_per_s, on_trigger, self._metric)
+        self._subscribe_mid: int | None = None
+        self.online = threading.Event()  # set once `online` is published after the SUBACK
         self._v5 = config.protocol == "5"
         self._lock = threading.Lock()
         self._inflight: dict[int, Message] = {}  # paho mid -> outbox message
@@ -301,6 +250,7 @@ class MqttPublisher:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         client.message_callback_add(self.topics.trigger, self._on_trigger_message)
         return client
 
@@ -313,9 +263,35 @@ class MqttPublisher:
                              self.host, self.config.port, reason_code)
                 self._reported_down = True
             return
-        client.publish(self.topics.status, "online", qos=1, retain=True)
-        client.subscribe(self.topics.trigger, qos=1)
+        self.publish_info()
+        # `online` waits for the SUBACK: a PLC that sees it may trigger at once and be heard.
+        _rc, self._subscribe_mid = client.subscribe(self.topics.trigger, qos=1)
         self._set_connected(True)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        if mid != self._subscribe_mid:
+            return
+        refused = [rc for rc in reason_codes if getattr(rc, "is_failure", False)]
+        if refused:
+            logger.error("broker refused the subscription to %s (%s); triggers cannot arrive, so `online` is not "
+                         "published; allow this client to read that topic in the broker's ACL", self.topics.trigger,
+                         refused[0])
+            self._metric("trigger_rejected", "subscribe_refused")
+            return
+        client.publish(self.topics.status, "online", qos=1, retain=True)
+        self.online.set()
+        logger.info("subscribed to %s; announced online", self.topics.trigger)
+
+    def publish_info(self) -> None:
+        """Publish (retained) what the agent runs on status/info; a no-op without info or a connection."""
+        if self._info is None:
+            return
+        try:
+            body = json.dumps(self._info(), separators=(",", ":"), allow_nan=False)
+        except Exception:
+            logger.exception("status/info document could not be built")
+            return
+        self.client.publish(self.topics.status_info, body, qos=1, retain=True)
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         threading.current_thread().name = "mqtt"
@@ -329,6 +305,7 @@ class MqttPublisher:
         if self._connected and not self._stop.is_set():
             logger.warning("broker %s:%d disconnected (%s); reconnecting", self.host, self.config.port, reason_code)
             self._reported_down = True
+        self.online.clear()
         self._set_connected(False, quiet=True)
 
     def _set_connected(self, up: bool, quiet: bool = False) -> None:
@@ -426,35 +403,7 @@ class MqttPublisher:
             self._drained.notify_all()
 
     def _on_trigger_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        raw = message.payload
-        if not self._bucket.take():
-            self._reject("rate", f"more than {self.config.trigger_rate_per_s:g} triggers/s; trigger ignored", raw)
-            return
-        try:
-            trigger = parse_trigger(raw)
-        except TriggerError as e:
-            self._reject(e.reason, str(e), raw)
-            return
-        if self._on_trigger is not None:
-            try:
-                self._on_trigger(trigger)
-            except ValueError as e:
-                # The pipeline refusing a trigger (free-run mode, too many pending) is a PLC's
-                # mistake or a camera outage, not a bug: a counted rejection, no traceback.
-                self._reject("refused", f"trigger not accepted: {e}", raw)
-                return
-            except Exception as e:
-                logger.exception("trigger handler failed for part_id=%s", trigger.part_id)
-                self._reject("handler", f"trigger not accepted: {e}", raw)
-                return
-        self._respond({"ok": True, "trigger_id": trigger.trigger_id, "part_id": trigger.part_id})
-
-    def _reject(self, reason: str, error: str, raw: bytes) -> None:
-        # A flooding PLC must not flood the journal too: rate rejections are only counted.
-        logger.log(logging.DEBUG if reason == "rate" else logging.WARNING, "rejected trigger (%s): %s", reason, error)
-        self._metric("trigger_rejected", reason)
-        self._respond({"ok": False, "reason": reason, "error": error,
-                       "input": raw[:256].decode("utf-8", errors="replace")})
+        self._respond(self._desk.receive(message.payload))
 
     def _respond(self, body: dict[str, Any]) -> None:
         self.client.publish(self.topics.trigger_response, json.dumps(body), qos=1, retain=False)

@@ -1,9 +1,12 @@
 """The daemon's threads and bounded queue: capture -> (queue) -> infer -> publisher.
 
 `capture:<source>` hands frames to a bounded queue (latest frame wins for live sources, drops
-counted; back-pressure for stored frames and for triggered frames); the one `infer` thread
+counted; back-pressure for stored frames). In triggered mode the capture thread pairs a frame with
+a waiting trigger (triggers.Pending): a live frame only if its read began after the trigger arrived;
+while the queue is full a paired live frame waits in a small backlog (one frame per outstanding
+trigger) instead of blocking, so a live source is never left unread. The one `infer` thread
 extracts patches, scores them, decides, renders the heatmap and hands the verdict to the
-publisher, which never blocks. Only this module knows threads and queues.
+publisher, which never blocks; it also answers expired triggers. Only this module knows threads and queues.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from edge_agent.metrics import Metrics
 from edge_agent.patches import PatchGrid
 from edge_agent.quality import Gate
 from edge_agent.scoring import Scorer
+from edge_agent.triggers import Pending, TriggerError, duplicate_of
 from edge_agent.verdict import Decision, decide, document, failed, overlay
 
 logger = logging.getLogger(__name__)
@@ -95,7 +99,9 @@ class Pipeline:
         boot_id: str | None = None,
         max_frames: int | None = None,
         on_verdict: Callable[[dict[str, Any]], None] | None = None,
+        recipes: dict[str, Model] | None = None,
     ) -> None:
+        """model: the default recipe's model; recipes: every recipe's model (None: `model` for every trigger)."""
         self.config = config
         self.model = model
         self.source = source
@@ -110,16 +116,21 @@ class Pipeline:
         self.station = config.station.id
         self.triggered = config.inspection.mode == "triggered"
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=config.inspection.queue_size)
+        self.default_recipe = config.default_recipe_name()
+        self.recipes: dict[str, Model] = dict(recipes) if recipes else {self.default_recipe: model}
+        self.pending = Pending(config.trigger.deadline_s, MAX_PENDING_TRIGGERS, config.trigger.remember)
+        self.fatal: str | None = None  # why the agent must exit non-zero (the capture thread died)
         self.capture = Capture(source, config.source, self._on_frame, stop, metrics,
-                               on_end=self._on_end, on_camera=self._on_camera)
+                               on_end=self._on_end, on_camera=self._on_camera, on_fatal=self._on_capture_died)
         self.accepted = 0  # frames queued for inference
         self.inspected = 0  # verdicts handed to the publisher
-        self._triggers: deque[Trigger] = deque()
-        self._trigger_cond = threading.Condition()
         self._next_due = 0.0  # monotonic time the next free-run frame may be taken (max_fps)
         self._first_frame = True
         self._warned_shapes: set[tuple] = set()
         self.quality = Gate(config.quality, live=not source.finite)
+        # Live frames already paired with a trigger, waiting for room in the queue (bounded by Pending).
+        self._backlog: deque[Frame] = deque()
+        self._backlog_lock = threading.Lock()
         self._errors_logged = 0
         self._infer = threading.Thread(target=self._infer_loop, name="infer", daemon=True)
 
@@ -137,13 +148,18 @@ class Pipeline:
         deadline = time.monotonic() + timeout_s
         if not self.capture.join(timeout_s):
             logger.error("capture thread did not end within %.0f s; draining without it", timeout_s)
-        while self._infer.is_alive():
-            try:
-                self.queue.put(_END, timeout=max(0.1, deadline - time.monotonic()))
-                break
-            except queue.Full:
-                if time.monotonic() > deadline:
+        with self._backlog_lock:  # held until _END is queued: nothing may follow it
+            while self._infer.is_alive():
+                item = self._backlog[0] if self._backlog else _END
+                try:
+                    self.queue.put(item, timeout=max(0.1, deadline - time.monotonic()))
+                except queue.Full:
+                    if time.monotonic() > deadline:
+                        break
+                    continue
+                if item is _END:
                     break
+                self._backlog.popleft()
         self._infer.join(max(0.1, deadline - time.monotonic()))
         self._answer_pending_triggers()
         if self._infer.is_alive():
@@ -155,49 +171,86 @@ class Pipeline:
 
     def _answer_pending_triggers(self) -> None:
         """An accepted trigger is a promise of a verdict: at shutdown, those that saw no frame get ERROR."""
-        with self._trigger_cond:
-            pending, self._triggers = list(self._triggers), deque()
+        pending = self.pending.all_waiting()
         if not pending:
             return
         logger.warning("stopping with %d accepted triggers that saw no frame; publishing ERROR verdicts for them",
                        len(pending))
-        scorer = self.model.scorer
-        error = "the agent stopped before a frame was captured for this trigger; send the trigger again"
-        for i, trig in enumerate(pending, start=1):
-            # Capture has ended, so seqs after its last one are still unique within this boot.
-            frame = Frame(self.capture.last_seq + i, np.zeros((0, 0), np.uint8), captured_at=time.time(),
-                          source=self.source.describe(), trigger=trig)
-            verdict = document(frame, scorer, failed(error, "no_frame"), self.station, self.boot_id, {}, False)
-            self.metrics.error("capture")
-            self.metrics.frame_result("ERROR", "no_frame")
-            if self.publisher is not None:
-                self.publisher.publish_verdict(verdict, None)
-            if self.on_verdict is not None:
-                self.on_verdict(verdict)
+        for trig in pending:
+            self._unserved(trig, "the agent stopped before a frame was captured for this trigger; send the trigger again",
+                           "capture")
 
-    def swap_model(self, model: Model) -> None:
-        """Use another model from the next frame on; ModelError if it does not take these frames."""
-        old, new = expected_frame(self.model.scorer), expected_frame(model.scorer)
-        if old != new:
-            raise ModelError(f"{model.scorer.path} takes {new[1]}x{new[0]}x{new[2]} frames but the running model "
-                             f"takes {old[1]}x{old[0]}x{old[2]}; restart the agent to change the frame size")
-        self.model = model  # one reference assignment: the infer thread reads it once per frame
+    def _expire_triggers(self) -> None:
+        for trig in self.pending.expired():
+            waited_s = time.monotonic() - trig.arrived_mono
+            self._log_error("trigger %s (part %s): no frame within trigger.deadline_s = %g s", trig.trigger_id,
+                            trig.part_id, self.config.trigger.deadline_s)
+            self._unserved(trig, f"no frame within trigger.deadline_s = {self.config.trigger.deadline_s:g} s "
+                                 f"(waited {waited_s:.1f} s; camera down or stalled?); the part was not inspected, "
+                                 "trigger again", "trigger_deadline")
+
+    def _unserved(self, trig: Trigger, error: str, stage: str) -> None:
+        """The ERROR verdict for a trigger that got no frame (deadline passed, or shutdown)."""
+        frame = Frame(self.capture.next_seq(), np.zeros((0, 0), np.uint8), captured_at=time.time(),
+                      source=self.source.describe(), trigger=trig)
+        scorer = self._model_for(trig).scorer
+        reason = "trigger_deadline" if stage == "trigger_deadline" else "no_frame"
+        verdict = document(frame, scorer, failed(error, reason), self.station, self.boot_id, {}, False)
+        self.metrics.error(stage)
+        self.metrics.frame_result("ERROR", reason)
+        if self.publisher is not None:
+            self.publisher.publish_verdict(verdict, None)
+        self._completed(trig, verdict)
+        if self.on_verdict is not None:
+            self.on_verdict(verdict)
+
+    def _completed(self, trig: Trigger, verdict: dict[str, Any]) -> None:
+        if self.pending.complete(trig.trigger_id, verdict) and self.publisher is not None:
+            # A PLC retried while this trigger was being judged: it gets the verdict again, marked.
+            self.publisher.publish_verdict(duplicate_of(verdict), None)
+
+    def swap_model(self, model: Model, recipes: dict[str, Model] | None = None) -> None:
+        """Use other models from the next frame on; ModelError if one does not take these frames."""
+        recipes = dict(recipes) if recipes else {self.default_recipe: model}
+        old = expected_frame(self.model.scorer)
+        for m in recipes.values():
+            new = expected_frame(m.scorer)
+            if old != new:
+                raise ModelError(f"{m.scorer.path} takes {new[1]}x{new[0]}x{new[2]} frames but the running model "
+                                 f"takes {old[1]}x{old[0]}x{old[2]}; restart the agent to change the frame size")
+        # Reference assignments: the infer thread reads them once per frame.
+        self.recipes = recipes
+        self.model = model
+
+    def _model_for(self, trig: Trigger | None) -> Model:
+        recipe = trig.recipe if trig is not None and trig.recipe in self.recipes else self.default_recipe
+        return self.recipes.get(recipe, self.model)
 
     # Callbacks from other threads
 
-    def trigger(self, trigger: Trigger) -> None:
-        """A PLC trigger (on the MQTT thread): the next frame captured is inspected for it."""
+    def trigger(self, trigger: Trigger) -> dict[str, Any] | None:
+        """A PLC trigger (on the MQTT thread): a frame captured after it is inspected for it.
+
+        Returns extra fields for the trigger's answer (a duplicate), raises TriggerError to refuse it.
+        """
         if not self.triggered:
             raise ValueError('inspection.mode is "free-run"; set inspection.mode = "triggered" to use triggers')
-        with self._trigger_cond:
-            if len(self._triggers) >= MAX_PENDING_TRIGGERS:
-                raise ValueError(f"{MAX_PENDING_TRIGGERS} triggers already wait for a frame; is the camera down?")
-            self._triggers.append(trigger)
-            self._trigger_cond.notify_all()
+        if self.config.recipes and (trigger.recipe or self.default_recipe) not in self.recipes:
+            raise TriggerError("unknown_recipe", f"recipe {trigger.recipe!r} is not configured; known recipes: "
+                               f"{sorted(self.recipes)}")
+        state, verdict = self.pending.add(trigger)
+        if state is not None:
+            self.metrics.trigger_duplicate()
+            logger.info("trigger %s (part %s) repeated; %s", trigger.trigger_id, trigger.part_id,
+                        "re-sending its verdict" if verdict else "its verdict follows when judged")
+            if verdict is not None and self.publisher is not None:
+                self.publisher.publish_verdict(duplicate_of(verdict), None)
+            return {"duplicate": True, "verdict": "resent" if verdict is not None else "pending"}
         self.metrics.trigger_accepted()
         if self.watchdog is not None:
             self.watchdog.idle_ok(False)
         logger.debug("trigger %s for part %s queued", trigger.trigger_id, trigger.part_id)
+        return None
 
     def delivered(self, message: Any, latency_s: float) -> None:
         """The broker acknowledged a message (on the publish thread): observe capture -> ack latency."""
@@ -214,9 +267,22 @@ class Pipeline:
         self.stop.set()
 
     def _on_camera(self, up: bool) -> None:
-        if self.watchdog is not None:
+        if self.watchdog is not None and self.fatal is None:
             # A camera outage or an idle trigger wait is no reason for systemd to restart us.
-            self.watchdog.idle_ok(not up or (self.triggered and not self._triggers))
+            self.watchdog.idle_ok(not up or (self.triggered and self.pending.idle()))
+        publish_info = getattr(self.publisher, "publish_info", None)
+        if publish_info is not None:
+            publish_info()  # status/info says camera up/down
+
+    def _on_capture_died(self, error: str) -> None:
+        """The capture thread ended on a bug: nothing will be inspected, so the agent must exit non-zero."""
+        self.fatal = f"the capture thread died ({error}); exiting so that systemd restarts the agent"
+        if self.watchdog is not None:
+            self.watchdog.idle_ok(False)  # no more pings: a wedged shutdown is still caught by systemd
+            stop_watchdog = getattr(self.watchdog, "stop", None)
+            if stop_watchdog is not None:
+                stop_watchdog(0)
+        self.stop.set()
 
     # Capture thread
 
@@ -230,10 +296,20 @@ class Pipeline:
                 frame = dataclasses.replace(frame, error=problem.message(), error_reason=problem.reason)
         back_pressure = self.capture.pace == "consumer"
         if self.triggered:
-            trigger = self._take_trigger(wait=back_pressure)
+            trigger = self._take_trigger(frame, wait=back_pressure)
             if trigger is None:
+                self._feed_backlog()
                 return  # no part waiting for inspection: this frame is not wanted
-            frame = dataclasses.replace(frame, trigger=trigger)
+            captured_mono = frame.read_started_mono + frame.stage_s.get("capture", 0.0)
+            frame = dataclasses.replace(frame, trigger=trigger,
+                                        frame_age_s=max(0.0, time.monotonic() - captured_mono))
+            if self.capture.pace == "live":
+                # Never block a live source: the paired frame waits for room; the camera is read on.
+                with self._backlog_lock:
+                    self._backlog.append(frame)
+                self._feed_backlog()
+                self._taken()
+                return
             back_pressure = True  # a triggered frame is a PLC's request: never dropped
         elif self.config.inspection.max_fps > 0:
             period_s = 1.0 / self.config.inspection.max_fps
@@ -249,6 +325,9 @@ class Pipeline:
                 return
         else:
             self._put_latest(frame)
+        self._taken()
+
+    def _taken(self) -> None:
         self.accepted += 1
         if self.max_frames is not None and self.accepted >= self.max_frames:
             logger.info("%d frames taken (--frames); stopping", self.accepted)
@@ -281,12 +360,27 @@ class Pipeline:
         return (f"frame {w}x{h}x{c} {image.dtype} does not fit model {self.model.scorer.model_id} "
                 f"({want_w}x{want_h}x{want_c} uint8); set source.width/height")
 
-    def _take_trigger(self, wait: bool) -> Trigger | None:
-        with self._trigger_cond:
-            # Stored frames (file/folder replay) wait for the next trigger instead of running past it.
-            while wait and not self._triggers and not self.stop.is_set():
-                self._trigger_cond.wait(0.5)
-            return self._triggers.popleft() if self._triggers else None
+    def _take_trigger(self, frame: Frame, wait: bool) -> Trigger | None:
+        if self.capture.pace == "live":
+            # Only a frame whose read began after the trigger arrived shows the part it was sent for.
+            return self.pending.take(read_started=frame.read_started_mono)
+        # Stored frames (file/folder replay) wait for the next trigger instead of running past it.
+        while True:
+            trigger = self.pending.take(wait_s=0.5 if wait else 0.0, stop=self.stop)
+            if trigger is not None or not wait or self.stop.is_set():
+                return trigger
+
+    def _feed_backlog(self) -> None:
+        """Move paired live frames into the queue while it has room (capture and infer threads)."""
+        if not self._backlog or self.stop.is_set():
+            return  # after stop, drain() queues the rest before the end marker
+        with self._backlog_lock:
+            while self._backlog and not self.stop.is_set():
+                try:
+                    self.queue.put_nowait(self._backlog[0])
+                except queue.Full:
+                    return
+                self._backlog.popleft()
 
     def _put_waiting(self, frame: Frame) -> bool:
         while True:
@@ -317,10 +411,15 @@ class Pipeline:
 
     def _infer_loop(self) -> None:
         while True:
+            if self.triggered:
+                self._expire_triggers()
             try:
-                item = self.queue.get(timeout=1.0)
+                # Short waits in triggered mode: a trigger's deadline is answered within ~0.2 s of passing.
+                item = self.queue.get(timeout=0.2 if self.triggered else 1.0)
             except queue.Empty:
+                self._feed_backlog()  # the camera may be down: nobody else moves the backlog on
                 continue
+            self._feed_backlog()
             if item is _END:
                 return
             try:
@@ -334,13 +433,14 @@ class Pipeline:
         """Score one frame, decide, render, publish; returns the verdict. A failure anywhere before the
         verdict is handed to the publisher still publishes one: ERROR, reason internal."""
         stage_s = dict(frame.stage_s)
+        model = self._model_for(frame.trigger)
         try:
-            verdict, heatmap, decision = self._judge(frame, self.model, stage_s)
+            verdict, heatmap, decision = self._judge(frame, model, stage_s)
         except Exception as e:
             logger.exception("frame %d: judging failed", frame.seq)
             self.metrics.error("inference")
             decision = failed(f"internal error: {type(e).__name__}: {e}", "internal")
-            verdict = document(frame, self.model.scorer, decision, self.station, self.boot_id, stage_s, False)
+            verdict = document(frame, model.scorer, decision, self.station, self.boot_id, stage_s, False)
             heatmap = None
         t = time.perf_counter()
         if self.publisher is not None:
@@ -351,9 +451,11 @@ class Pipeline:
         if math.isfinite(decision.score) and decision.error is None:
             self.metrics.image_score(decision.score)
         self.inspected += 1
+        if frame.trigger is not None:
+            self._completed(frame.trigger, verdict)
         if self.watchdog is not None:
             self.watchdog.progress()
-            if self.triggered and not self._triggers:
+            if self.triggered and self.pending.idle():
                 self.watchdog.idle_ok(True)
         self._retain(frame, verdict)
         if self.on_verdict is not None:
@@ -373,7 +475,7 @@ class Pipeline:
             grid, patches = scorer.patches(frame.image)
             now = time.perf_counter()
             stage_s["preprocess"], t = now - t, now
-            scores = scorer.score_patches(patches)
+            scores = scorer.score_frame(grid, patches)
             now = time.perf_counter()
             stage_s["inference"], t = now - t, now
             self.metrics.patches_scored(len(scores))

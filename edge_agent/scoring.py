@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from edge_agent import artifact
+from edge_agent.anomaly_map import MapHead
 from edge_agent.errors import ConfigError, ModelError
 from edge_agent.patches import PatchGrid, to_tensor
 
@@ -102,13 +103,25 @@ class _ChosenScore(torch.nn.Module):
         return self.module.score(x, self.name)
 
 
-def optimise(module: torch.jit.ScriptModule, name: str, channels_last: bool = True):
-    """The loaded module's score `name` as a frozen TorchScript function of x (N, C, P, P) -> (N,).
+class _PixelMap(torch.nn.Module):
+    """forward(x) = module.pixel_map(x): (N, C, P, P) -> (N, P, P), for the anomaly-map head."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module.pixel_map(x)
+
+
+def optimise(module: torch.jit.ScriptModule, name: str | None, channels_last: bool = True):
+    """The loaded module's score `name` (None: its pixel_map) as a frozen TorchScript function of x (N, C, P, P).
 
     Freezing inlines the weights and folds conv + BatchNorm; optimize_for_inference adds oneDNN
     prepacked convolutions on CPU (fp32). The caller checks the result against the module itself.
     """
-    wrapper = torch.jit.script(_ChosenScore(module, name)).eval()
+    chosen = _PixelMap(module) if name is None else _ChosenScore(module, name)
+    wrapper = torch.jit.script(chosen).eval()
     if channels_last:
         wrapper = wrapper.to(memory_format=torch.channels_last)
     frozen = torch.jit.freeze(wrapper)
@@ -156,6 +169,10 @@ class Scorer:
         module, card = artifact.load(self.path, map_location=str(self.device))
         self.card: dict[str, Any] = card
         names = card["scores"]["names"]
+        # The anomaly-map head (anomaly_map.py) adds a score computed from the model's pixel map; others are raw.
+        self.head = MapHead.from_card(card)
+        self.head_name: str | None = card["anomaly_map"]["name"] if self.head is not None else None
+        self._head_cache: dict = {}
         self.score_name = score_name or card["scores"]["default"]
         if self.score_name not in names:
             raise ConfigError(f"score {self.score_name!r} is not in {self.path.name}; choose one of: {', '.join(names)}")
@@ -224,7 +241,7 @@ class Scorer:
         x = torch.rand(2, self.channels, self.patch_size, self.patch_size, device=self.device)
         try:
             with torch.inference_mode():
-                self.module.score(x, self.score_name)
+                self._module_fn(self.score_name)(x)
         except RuntimeError as e:
             first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
             precision = str(self.dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")
@@ -235,10 +252,10 @@ class Scorer:
         """Freeze the chosen score; keep it only if it scores like the module itself (else log and stay eager)."""
         probe = torch.rand(4, self.channels, self.patch_size, self.patch_size)
         try:
-            fast = optimise(self.module, self.score_name, self.channels_last)
+            fast = optimise(self.module, None if self.uses_map() else self.score_name, self.channels_last)
             with torch.inference_mode():
                 x = self._layout(probe.to(self.device))
-                want = self.module.score(x, self.score_name).float()
+                want = self._module_fn(self.score_name)(x).float()
                 got = fast(x).float()
         except Exception as e:  # an artifact that cannot be frozen still scores, only slower
             logger.warning("model %s: fast path unavailable (%s: %s); scoring with the module as loaded",
@@ -253,8 +270,19 @@ class Scorer:
             return
         self.fast = fast
         if self.device.type == "cuda":
+            out_item = (self.patch_size, self.patch_size) if self.uses_map() else ()
             self._cuda = _CudaRunner(fast, self.batch_size, (self.channels, self.patch_size, self.patch_size),
-                                     self.dtype, self.channels_last, cuda_graphs)
+                                     self.dtype, self.channels_last, cuda_graphs, out_item)
+
+    def uses_map(self, name: str | None = None) -> bool:
+        """True when score `name` (default: the chosen one) comes from the anomaly-map head."""
+        return self.head is not None and (name or self.score_name) == self.head_name
+
+    def _module_fn(self, name: str):
+        """The module's own function behind score `name`: its pixel_map for the head's score, else score()."""
+        if self.uses_map(name):
+            return self.module.pixel_map
+        return lambda x: self.module.score(x, name)
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -269,31 +297,65 @@ class Scorer:
         x = torch.rand(n, self.channels, self.patch_size, self.patch_size)
         t0 = time.perf_counter()
         for _ in range(batches):
-            self.score_patches(x)
+            self._run(x, self.score_name)
         return time.perf_counter() - t0
 
     def _grad_mode(self):
         return torch.no_grad() if self.needs_grad else torch.inference_mode()
 
-    def score_patches(self, patches: torch.Tensor, name: str | None = None) -> np.ndarray:
-        """(N, C, P, P) float32 in [0, 1] -> (N,) float32, in batches of batch_size."""
-        name = name or self.score_name
+    def _run(self, patches: torch.Tensor, name: str) -> torch.Tensor:
+        """The model over (N, C, P, P) patches in batches: (N,) scores, or (N, P, P) pixel maps for the head's
+        score; float32, on the scorer's device (host memory for CUDA graphs)."""
         if self.fast is not None and name == self.score_name:
             if self._cuda is not None:
                 return self._cuda.score(patches)
             run = self.fast
         else:
-            def run(x: torch.Tensor) -> torch.Tensor:
-                return self.module.score(x, name)
+            run = self._module_fn(name)
         out = []
         with self._grad_mode():
             for start, end in equal_batches(patches.shape[0], self.batch_size):
                 x = self._layout(patches[start:end].to(self.device, non_blocking=True))
-                out.append(run(x).float().cpu())
-        return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+                out.append(run(x).float())
+        if not out:
+            return torch.zeros((0, self.patch_size, self.patch_size) if self.uses_map(name) else 0)
+        return torch.cat(out)
+
+    def score_patches(self, patches: torch.Tensor, name: str | None = None) -> np.ndarray:
+        """(N, C, P, P) float32 in [0, 1] -> (N,) float32 raw model scores; the head's score needs the grid:
+        use score_frame."""
+        name = name or self.score_name
+        if self.uses_map(name):
+            raise ValueError(f"score {name!r} is an anomaly-map score; it needs the frame's grid (score_frame)")
+        return self._run(patches, name).cpu().numpy()
+
+    def score_frame(self, grid: PatchGrid, patches: torch.Tensor, name: str | None = None) -> np.ndarray:
+        """All patches of one frame (grid.extract order) -> (N,) float32 patch scores of score `name`."""
+        name = name or self.score_name
+        if not self.uses_map(name):
+            return self.score_patches(patches, name)
+        maps = self._run(patches, name)
+        with torch.inference_mode():
+            return self.head.patch_scores(grid, maps.to(self.device), self._head_cache).cpu().numpy()
+
+    def pixel_maps(self, patches: torch.Tensor) -> torch.Tensor:
+        """(N, C, P, P) -> (N, P, P) float32 on the device: the model's per-pixel map (for fitting the head)."""
+        if self.uses_map():
+            return self._run(patches, self.score_name)
+        with self._grad_mode():
+            out = [self.module.pixel_map(patches[s:e].to(self.device)).float()
+                   for s, e in equal_batches(patches.shape[0], self.batch_size)]
+        return torch.cat(out)
+
+    def score_frame_all(self, grid: PatchGrid, patches: torch.Tensor) -> dict[str, np.ndarray]:
+        """Every score of the model for one frame: name -> (N,) float32 (the head's from a second pass)."""
+        out = self.score_patches_all(patches)
+        if self.head is not None:
+            out[self.head_name] = self.score_frame(grid, patches, self.head_name)
+        return out
 
     def score_patches_all(self, patches: torch.Tensor) -> dict[str, np.ndarray]:
-        """Every score of the model at once: name -> (N,) float32."""
+        """Every raw (per-patch) score of the model in one pass: name -> (N,) float32."""
         parts: dict[str, list[torch.Tensor]] = {}
         with self._grad_mode():
             for start in range(0, patches.shape[0], self.batch_size):
@@ -311,7 +373,7 @@ class Scorer:
 
     def score_image(self, image: np.ndarray, name: str | None = None) -> FrameScores:
         grid, patches = self.patches(image)
-        return FrameScores(grid, self.score_patches(patches, name))
+        return FrameScores(grid, self.score_frame(grid, patches, name))
 
 
 class _CudaRunner:
@@ -322,8 +384,9 @@ class _CudaRunner:
     """
 
     def __init__(self, fn, batch_size: int, item_shape: tuple[int, int, int], dtype: torch.dtype,
-                 channels_last: bool, graphs: bool):
+                 channels_last: bool, graphs: bool, out_item: tuple[int, ...] = ()):
         self.fn = fn
+        self.out_item = out_item  # () for scores, (P, P) for pixel maps
         self.batch_size = batch_size
         self.dtype = dtype
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -362,10 +425,10 @@ class _CudaRunner:
 
     @torch.inference_mode()
     def score(self, patches: torch.Tensor) -> np.ndarray:
-        """(N, C, P, P) float32 on the host -> (N,) float32; one synchronisation per call."""
+        """(N, C, P, P) float32 on the host -> (N,) (or (N, P, P)) float32 tensor; one synchronisation per call."""
         n = patches.shape[0]
         if n not in self.results:  # pinned allocation is slow; a station sees one frame size
-            self.results[n] = torch.empty(n, dtype=torch.float32).pin_memory()
+            self.results[n] = torch.empty((n, *self.out_item), dtype=torch.float32).pin_memory()
         result = self.results[n]
         compute = torch.cuda.current_stream()
         done = [torch.cuda.Event(), torch.cuda.Event()]
@@ -388,4 +451,4 @@ class _CudaRunner:
             result[start:end].copy_(out[: end - start], non_blocking=True)
             done[k].record(compute)
         compute.synchronize()
-        return result.numpy().copy()  # the pinned buffer is reused by the next call
+        return result.clone()  # the pinned buffer is reused by the next call

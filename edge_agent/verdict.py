@@ -22,7 +22,7 @@ from edge_agent.patches import PatchGrid
 VERDICT_VERSION = 1
 # Why a frame is ERROR: the verdict's error_reason and the label of edge_agent_error_verdicts_total.
 ERROR_REASONS = ("unreadable", "wrong_size", "blank", "uniform", "underexposed", "overexposed", "frozen",
-                 "unlike_station", "scoring", "internal", "no_frame")
+                 "unlike_station", "scoring", "internal", "trigger_deadline", "no_frame")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +118,7 @@ def document(frame: Frame, scorer: ScorerInfo, d: Decision, station: str, boot_i
         "model": {"id": scorer.model_id, "checksum": scorer.checksum},
         "latency_s": {k: round(v, 6) for k, v in stage_s.items()},
         "heatmap": heatmap,
+        "frame_age_s": None if frame.frame_age_s is None else round(frame.frame_age_s, 6),
     }
 
 

@@ -21,7 +21,7 @@ def station(tmp_path_factory) -> Path:
 
 
 def tiny_options(**kw) -> TrainOptions:
-    base = dict(patch_size=32, stride=16, nc=4, nz=4, batch_size=16, epochs=1, seed=0, device="cpu",
+    base = dict(patch_size=32, stride=16, nc=4, nz=4, batch_size=16, epochs=1, min_steps=1, seed=0, device="cpu",
                 precision="fp32", progress=False)
     base.update(kw)
     return TrainOptions(**base)

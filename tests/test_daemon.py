@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import tomllib
+import typing
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -278,8 +279,11 @@ def test_a_tampered_model_exits_2_with_one_line(tmp_path, vae_model):
 def _fields(model: type[BaseModel], prefix: str = ""):
     for name, field in model.model_fields.items():
         ann = field.annotation
+        args = typing.get_args(ann)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             yield from _fields(ann, f"{prefix}{name}.")
+        elif typing.get_origin(ann) is dict and isinstance(args[1], type) and issubclass(args[1], BaseModel):
+            yield from _fields(args[1], f"{prefix}{name}.<name>.")  # a table per entry, e.g. [recipes.<name>]
         else:
             yield f"{prefix}{name}", field
 
@@ -290,7 +294,7 @@ def test_config_example_documents_every_key_and_loads():
     section = None
     keys = set()
     for line in text.splitlines():
-        if m := re.match(r"^\[(.+)\]$", line):
+        if m := re.match(r"^#? ?\[(.+)\]$", line):  # a commented table shows the shape of one entry
             section = m.group(1)
         elif m := re.match(r"^#? ?([a-z_]+) = ", line):
             keys.add(f"{section}.{m.group(1)}")

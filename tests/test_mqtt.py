@@ -9,13 +9,10 @@ from pathlib import Path
 import jsonschema
 import paho.mqtt.client as paho
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edge_agent.config import MqttConfig
-from edge_agent.frames import Trigger
-from edge_agent.mqtt import MqttPublisher, TokenBucket, Topics, TriggerError, parse_trigger
+from edge_agent.mqtt import MqttPublisher, Topics
 from edge_agent.outbox import Outbox
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "deploy" / "verdict.schema.json").read_text())
@@ -53,79 +50,6 @@ def sample_verdict(seq: int = 1, **changes) -> dict:
     }
     v.update(changes)
     return v
-
-
-# parse_trigger
-
-
-@pytest.mark.parametrize(
-    "payload, expected",
-    [
-        (b'{"part_id": "A1", "trigger_id": "t9"}', ("t9", "A1", None, None)),
-        (b'{"part_id": "A1", "trigger_id": "t9", "recipe": "r", "job_id": "j"}', ("t9", "A1", "r", "j")),
-        (b'{"part_id": "A1", "recipe": null, "job_id": null, "trigger_id": "t"}', ("t", "A1", None, None)),
-        ('{"part_id": "Ä-1", "trigger_id": "t"}'.encode(), ("t", "Ä-1", None, None)),
-    ],
-)
-def test_parse_trigger_accepts(payload, expected):
-    t = parse_trigger(payload, received_at=5.0)
-    assert (t.trigger_id, t.part_id, t.recipe, t.job_id, t.received_at) == (*expected, 5.0)
-
-
-def test_parse_trigger_generates_trigger_id():
-    a, b = parse_trigger(b'{"part_id": "A1"}'), parse_trigger(b'{"part_id": "A1", "trigger_id": null}')
-    assert len(a.trigger_id) == 32 and a.trigger_id != b.trigger_id
-
-
-@pytest.mark.parametrize(
-    "payload, reason, words",
-    [
-        (b"", "json", "not UTF-8 JSON"),
-        (b"{part_id: 1}", "json", "not UTF-8 JSON"),
-        (b"\xff\xfe", "json", "not UTF-8 JSON"),
-        (b"[" * 3000, "json", "not UTF-8 JSON"),
-        (b'"A1"', "type", "JSON object"),
-        (b'["A1"]', "type", "JSON object"),
-        (b"{}", "missing_part_id", "no part_id"),
-        (b'{"part_id": null}', "missing_part_id", "no part_id"),
-        (b'{"part_id": 5}', "type", "part_id must be a non-empty string"),
-        (b'{"part_id": ""}', "type", "non-empty string"),
-        (b'{"part_id": "A", "recipe": 1}', "type", "recipe"),
-        (b'{"part_id": "A", "partid": "B"}', "unknown_field", "valid fields"),
-        (b'{"part_id": "' + b"x" * 300 + b'"}', "type", "limit is 256"),
-        (b'{"part_id": "' + b"x" * 5000 + b'"}', "too_large", "limit is 4096"),
-    ],
-)
-def test_parse_trigger_rejects(payload, reason, words):
-    with pytest.raises(TriggerError, match=words) as e:
-        parse_trigger(payload)
-    assert e.value.reason == reason
-
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=10,
-)
-trigger_like = st.dictionaries(st.sampled_from(["part_id", "trigger_id", "recipe", "job_id", "x"]), json_values)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=200) | trigger_like.map(lambda d: json.dumps(d).encode()))
-def test_parse_trigger_only_raises_trigger_error(payload):
-    try:
-        t = parse_trigger(payload)
-    except TriggerError:
-        return
-    assert isinstance(t, Trigger) and t.part_id and t.trigger_id
-
-
-def test_token_bucket_refills():
-    now = [0.0]
-    bucket = TokenBucket(2.0, 2.0, clock=lambda: now[0])
-    assert [bucket.take() for _ in range(3)] == [True, True, False]
-    now[0] = 0.5
-    assert [bucket.take() for _ in range(2)] == [True, False]
 
 
 # the verdict schema
@@ -522,3 +446,26 @@ def test_tls_verifies_the_broker_certificate(tls_broker, make_publisher, tmp_pat
     wrong = make_publisher(port, outbox_dir=tmp_path / "b",
                            config={"client_id": "wrong-ca", "tls": {"enabled": True, "ca_file": d / "other-ca.pem"}})
     assert not wrong.wait_connected(1.0)
+
+
+@pytest.mark.integration
+def test_online_comes_after_the_trigger_subscription_so_a_trigger_sent_on_online_is_answered(mosquitto,
+                                                                                            make_publisher):
+    got = []
+    sub = Subscriber(mosquitto.port, TOPICS.status)
+    answers = Subscriber(mosquitto.port, TOPICS.trigger_response)
+
+    def trigger_on_online(client, userdata, msg):  # a PLC that triggers the moment it sees `online`
+        if msg.payload == b"online":
+            client.publish(TOPICS.trigger, b'{"part_id": "A1", "trigger_id": "first"}', qos=1)
+
+    sub.client.on_message = trigger_on_online
+    info = {"boot_id": "b00t", "mode": "triggered"}
+    pub = make_publisher(mosquitto.port, on_trigger=got.append, info=lambda: info)
+    (answer,) = [json.loads(m.payload) for m in answers.wait_for(1)]
+    assert (answer["ok"], answer["trigger_id"]) == (True, "first") and got[0].trigger_id == "first"
+    assert pub.online.is_set()
+    late = Subscriber(mosquitto.port, TOPICS.status_info)  # retained: a late reader sees it
+    assert json.loads(late.wait_for(1)[0].payload) == info
+    for s in (sub, answers, late):
+        s.close()

@@ -1,5 +1,7 @@
+import dataclasses
 import json
 import threading
+import time
 from pathlib import Path
 
 import jsonschema
@@ -43,6 +45,9 @@ class FakeScorer:
         return grid, grid.extract(to_tensor(image, 1))
 
     def score_patches(self, patches):
+        return self.score_fn(patches)
+
+    def score_frame(self, grid, patches, name=None):
         return self.score_fn(patches)
 
 
@@ -225,13 +230,43 @@ def test_triggers_pair_with_the_next_frames_in_order():
     assert sample(metrics, "edge_agent_triggers_total", result="accepted") == 2
 
 
+def live_frame(seq):
+    """A live frame whose read began now."""
+    return dataclasses.replace(frame(seq), read_started_mono=time.monotonic())
+
+
 def test_frames_without_a_trigger_are_not_inspected_in_triggered_mode():
     pipeline, _, _ = make_pipeline(source=FakeSource(finite=False), inspection={"mode": "triggered"})
-    pipeline._on_frame(frame(1))
+    pipeline._on_frame(live_frame(1))
     assert pipeline.queue.empty()
     pipeline.trigger(Trigger("t1", "P1"))
-    pipeline._on_frame(frame(2))
-    assert pipeline.queue.get_nowait().trigger.part_id == "P1"
+    pipeline._on_frame(live_frame(2))
+    paired = pipeline.queue.get_nowait()
+    assert paired.trigger.part_id == "P1" and paired.frame_age_s >= 0
+
+
+def test_a_live_frame_read_before_the_trigger_arrived_is_never_paired_with_it():
+    pipeline, _, _ = make_pipeline(source=FakeSource(finite=False), inspection={"mode": "triggered"})
+    stale = live_frame(1)  # its read began before the trigger arrived: the previous part
+    pipeline.trigger(Trigger("t1", "P1"))
+    pipeline._on_frame(stale)
+    assert pipeline.queue.empty() and pipeline.pending.waiting == 1
+    pipeline._on_frame(live_frame(2))
+    assert pipeline.queue.get_nowait().seq == 2
+
+
+def test_a_live_source_is_never_blocked_while_inference_is_busy():
+    pipeline, _, _ = make_pipeline(source=FakeSource(finite=False), inspection={"mode": "triggered", "queue_size": 1})
+    pipeline.trigger(Trigger("t1", "P1"))
+    pipeline._on_frame(live_frame(1))
+    pipeline.trigger(Trigger("t2", "P2"))
+    pipeline._on_frame(live_frame(2))  # the queue is full: returns at once; frame 2, read after t2, waits for room
+    assert pipeline.pending.waiting == 0 and pipeline.queue.qsize() == 1
+    assert pipeline.queue.get_nowait().trigger.trigger_id == "t1"
+    pipeline._on_frame(live_frame(3))  # the camera is read on; t2 keeps the frame taken right after it
+    paired = pipeline.queue.get_nowait()
+    assert (paired.trigger.trigger_id, paired.seq) == ("t2", 2)
+    assert pipeline.queue.empty()
 
 
 class DeadCamera(FakeSource):
@@ -328,3 +363,61 @@ def test_a_grey_frame_is_error_uniform_and_never_scored():
     validate(verdict)
     assert sample(metrics, "edge_agent_error_verdicts_total", reason="uniform") == 1
     assert sample(metrics, "edge_agent_image_score_count") == 0, "an ERROR frame's score stays out of the drift baseline"
+class RecordingWatchdog:
+    def __init__(self):
+        self.calls = []
+
+    def progress(self):
+        self.calls.append("progress")
+
+    def idle_ok(self, idle):
+        self.calls.append(("idle_ok", idle))
+
+    def stop(self, timeout=None):
+        self.calls.append("stop")
+
+
+def test_a_dead_capture_thread_stops_the_pipeline_and_the_watchdog_and_marks_it_fatal():
+    class Buggy(FakeSource):
+        def read(self):
+            raise RuntimeError("planted bug")
+
+    pipeline, _, _ = make_pipeline(source=Buggy(finite=False))
+    pipeline.watchdog = RecordingWatchdog()
+    pipeline.start()
+    assert pipeline.stop.wait(10)
+    assert pipeline.drain(10)
+    assert "capture thread died (RuntimeError: planted bug)" in pipeline.fatal
+    assert pipeline.watchdog.calls[-2:] == [("idle_ok", False), "stop"], "no more pings"
+
+
+def test_paired_live_frames_waiting_for_room_are_all_judged_at_shutdown():
+    slow = FakeScorer(score_fn=lambda x: (time.sleep(0.05), np.full(len(x), 0.25, np.float32))[1])
+    pipeline, publisher, _ = make_pipeline(scorer=slow, source=FakeSource(finite=False),
+                                           inspection={"mode": "triggered", "queue_size": 1})
+    pipeline._infer.start()
+    for i in range(1, 6):
+        pipeline.trigger(Trigger(f"t{i}", f"P{i}"))
+        pipeline._on_frame(live_frame(i))
+    pipeline.stop.set()
+    assert pipeline.drain(10)
+    assert [v["trigger_id"] for v in publisher.verdicts] == ["t1", "t2", "t3", "t4", "t5"]
+    assert [v["seq"] for v in publisher.verdicts] == [1, 2, 3, 4, 5]
+    assert all(v["result"] == "OK" and v["frame_age_s"] is not None for v in publisher.verdicts)
+
+
+def test_a_trigger_past_its_deadline_gets_one_error_verdict_and_no_frame_later():
+    pipeline, publisher, metrics = make_pipeline(source=DeadCamera(n=0, finite=False),
+                                                 inspection={"mode": "triggered"}, trigger={"deadline_s": 0.5})
+    pipeline.start()
+    pipeline.trigger(Trigger("t1", "P1"))
+    deadline = time.monotonic() + 10
+    while not publisher.verdicts and time.monotonic() < deadline:
+        pipeline.stop.wait(0.01)
+    pipeline._on_frame(live_frame(99))  # the camera is back: the expired trigger must not take this frame
+    pipeline.stop.set()
+    assert pipeline.drain(5)
+    (v,) = publisher.verdicts
+    assert (v["trigger_id"], v["result"]) == ("t1", "ERROR") and "trigger.deadline_s = 0.5 s" in v["error"]
+    validate(v)
+    assert sample(metrics, "edge_agent_errors_total", stage="trigger_deadline") == 1

@@ -10,10 +10,11 @@ from tests.conftest import tiny_options
 
 def test_card_holds_everything_needed_to_score(vae_model, station):
     card = artifact.verify(vae_model)
-    assert card["family"] == "vae" and card["scores"]["default"] == "m"
+    assert card["family"] == "vae" and card["scores"]["default"] == "m_map"  # the anomaly map over m's pixel map
     assert card["patch"] == {"size": 32, "stride": 16, "cover_edges": True}
     assert card["input"]["channels"] == 1 and card["input"]["frame_width"] == 128
-    assert set(card["thresholds"]) == {"m", "elbo", "d", "a"}
+    assert set(card["thresholds"]) == {"m", "elbo", "d", "a", "m_map"}
+    assert card["anomaly_map"]["name"] == "m_map" and card["anomaly_map"]["position"] is None  # none held out
     t = card["training"]
     assert t["images"] == 8 and t["steps"] > 0 and np.isfinite(t["final_loss"])
     assert t["data_fingerprint"].startswith("sha256:") and len(t["image_hashes"]) == 8

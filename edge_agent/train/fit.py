@@ -63,7 +63,21 @@ class TrainOptions:
     refine_steps: int = 10
     search_lr: float = 0.05
     latent_search: str = "encoder+refine"
-    threshold_images: int | None = None  # score only this many training images (evenly spaced) for the threshold
+    threshold_images: int | None = None  # score at most this many held-out images for the initial threshold
+    # Budget: steps = max(epochs x steps_per_epoch, min_steps) unless `steps` is given; max_minutes caps it.
+    steps: int | None = None
+    min_steps: int = 2000
+    lr_schedule: str = "cosine"  # cosine decay to lr_floor x lr over the budget, or "constant" (the seed's)
+    lr_floor: float = 0.05
+    early_stop: bool = True  # stop when the held-out loss has not improved for `patience` checks
+    patience: int = 8
+    # Good images held out of training: the initial threshold (FRR method) and the anomaly map's statistics.
+    holdout: float = 0.2
+    anomaly_map: bool = True  # add the anomaly-map score (anomaly_map.py) and make it the default
+    blur_sigma: float | None = None  # px; None: patch_size / 16
+    position_stats: bool = True  # normalize the map by what good parts show at each place (fixtured parts)
+    target_frr: float = 0.01
+    confidence: float = 0.95
     extra_card: dict[str, Any] = field(default_factory=dict)
 
 
@@ -133,23 +147,60 @@ def loss_fn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (model.reconstruct(x) - x).pow(2).mean()
 
 
+def split_holdout(n: int, fraction: float) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices: every k-th image evenly spaced across the set (acquisition order varies
+    lighting and batches; an even spread samples all of it). None held out below MIN_HOLDOUT images."""
+    count = int(round(n * fraction)) if fraction > 0 else 0
+    if count < MIN_HOLDOUT or n - count < MIN_TRAIN:
+        return list(range(n)), []
+    held = sorted({min(n - 1, int((i + 0.5) * n / count)) for i in range(count)})
+    keep = sorted(set(range(n)) - set(held))
+    return keep, held
+
+
+MIN_HOLDOUT = 8  # fewer held-out images than this say too little about unseen parts; use the training maximum
+MIN_TRAIN = 4
+
+
+def planned_steps(opts: TrainOptions, steps_per_epoch: int) -> tuple[int, str]:
+    """(total optimizer steps, why that many). One epoch is as many crops as the images have patches, which
+    on a few small images is a few dozen steps: min_steps keeps such a model from stopping untrained."""
+    if opts.steps is not None:
+        return opts.steps, "steps"
+    by_epochs = steps_per_epoch * opts.epochs
+    if by_epochs < opts.min_steps:
+        return opts.min_steps, "min steps"
+    return by_epochs, "epochs"
+
+
 def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
-    """Train, export, set the seed's max-over-training-images threshold; returns the model card."""
+    """Train on good images minus a held-out share, export, then set the initial threshold on the held-out
+    images by the good-only FRR method (and fit the anomaly map's statistics); returns the model card."""
     if opts.patch_size < MIN_PATCH_SIZE:
         raise DataError(f"--patch-size {opts.patch_size} is below {MIN_PATCH_SIZE}; use 16 or more")
     if opts.model not in FAMILIES:
         raise DataError(f"unknown model family {opts.model!r}; choose one of: {', '.join(FAMILIES)}")
+    if not 0 <= opts.holdout < 1:
+        raise DataError(f"--holdout {opts.holdout} must be a share in [0, 1) (e.g. 0.2)")
     torch.manual_seed(opts.seed)
-    files, images = load_good_images(data_dir, opts.channels, opts.patch_size)
+    all_files, all_images = load_good_images(data_dir, opts.channels, opts.patch_size)
+    keep, held = split_holdout(len(all_files), opts.holdout)
+    files, images = [all_files[i] for i in keep], [all_images[i] for i in keep]
+    held_files = [all_files[i] for i in held]
+    if opts.holdout > 0 and not held:
+        logger.warning("%d good images are too few to hold out %d (>= %d needed); the initial threshold is the "
+                       "highest score over the training images (seeds/003): calibrate on more good parts",
+                       len(all_files), int(round(len(all_files) * opts.holdout)), MIN_HOLDOUT)
     device = pick_device(opts.device)
     use_bf16 = opts.model in ("vae", "ae") and (opts.precision == "bf16" or (
         opts.precision == "auto" and (device.type == "cuda" or cpu_has_bf16())))
     sampler = CropSampler(images, opts.patch_size, opts.seed)
+    val_sampler = CropSampler([all_images[i] for i in held], opts.patch_size, opts.seed + 1) if held else None
 
     h, w = images[0].shape[1:]
     per_image = (math.floor((h - opts.patch_size) / opts.stride) + 1) * (math.floor((w - opts.patch_size) / opts.stride) + 1)
     steps_per_epoch = max(1, math.ceil(len(images) * per_image / opts.batch_size))
-    total_steps = steps_per_epoch * opts.epochs
+    total_steps, planned_by = planned_steps(opts, steps_per_epoch)
     budget_s = opts.max_minutes * 60 if opts.max_minutes else math.inf
 
     t0 = time.monotonic()
@@ -159,25 +210,30 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
         model, training = _fit_anogan(sampler, device, total_steps, steps_per_epoch, budget_s, opts)
     else:
         model = build_model(opts).to(device)
-        training = _fit_gradient(model, sampler, device, use_bf16, total_steps, steps_per_epoch, budget_s, opts)
+        training = _fit_gradient(model, sampler, val_sampler, device, use_bf16, total_steps, steps_per_epoch,
+                                 budget_s, opts, planned_by)
     seconds = time.monotonic() - t0
 
     training = {
         "data_dir": str(data_dir), "images": len(files), "data_fingerprint": fingerprint(files),
         "image_hashes": file_hashes(files),
+        "holdout": {"fraction": opts.holdout, "images": len(held_files), "image_hashes": file_hashes(held_files),
+                    "rule": "every k-th image of the sorted folder, evenly spaced; never trained on"},
         **training,
         "seconds": round(seconds, 1), "seed": opts.seed, "device": str(device),
         "autocast": "bf16" if use_bf16 else "fp32",
     }
-    export(model, opts, out, int(h), int(w), training)
-    if opts.threshold_images and opts.threshold_images < len(files):
-        # AnoGAN's 100-step search costs minutes per image on a CPU; an evenly spaced subset keeps it affordable.
-        files = [files[round(i * len(files) / opts.threshold_images)] for i in range(opts.threshold_images)]
-    return set_training_thresholds(out, files, progress=opts.progress)
+    head = None
+    if opts.anomaly_map:
+        sigma = opts.blur_sigma if opts.blur_sigma is not None else opts.patch_size / 16
+        head = {"name": f"{model.default_score}_map", "blur_sigma_px": float(sigma), "position": None}
+    export(model, opts, out, int(h), int(w), training, head=head)
+    return set_initial_thresholds(out, held_files or files, opts, seconds, trained_on=not held_files)
 
 
 def export(model: nn.Module, opts: TrainOptions, out: Path, frame_h: int, frame_w: int,
-           training: dict[str, Any], thresholds: dict[str, Any] | None = None) -> dict[str, Any]:
+           training: dict[str, Any], thresholds: dict[str, Any] | None = None,
+           head: dict[str, Any] | None = None) -> dict[str, Any]:
     """Script the model (eval, CPU; VAE/AE decoder BatchNorms folded) and write it with its card: the one
     way an artifact is made."""
     model.eval().cpu()
@@ -186,6 +242,9 @@ def export(model: nn.Module, opts: TrainOptions, out: Path, frame_h: int, frame_
     scripted = torch.jit.script(model)
     scores: dict[str, Any] = {"names": list(model.score_names), "default": model.default_score, "pixel_map": True,
                               "higher_is_anomalous": True}
+    if head is not None:  # the anomaly-map score (anomaly_map.py) becomes the default
+        scores["names"].append(head["name"])
+        scores["default"] = head["name"]
     if opts.model in ("gmm", "anogan"):
         # GMM: float64 Cholesky factors must not be cast to bf16. AnoGAN: the latent search runs autograd,
         # so the scorer must use no_grad (not inference_mode) and fp32 for the Adam steps on z.
@@ -202,6 +261,7 @@ def export(model: nn.Module, opts: TrainOptions, out: Path, frame_h: int, frame_
         "architecture": architecture(model, opts),
         "thresholds": thresholds or {},
         "training": training,
+        **({"anomaly_map": head} if head is not None else {}),
         "versions": {"edge_agent": edge_agent.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
         **opts.extra_card,
@@ -226,19 +286,52 @@ def architecture(model: nn.Module, opts: TrainOptions) -> dict[str, Any]:
     return arch
 
 
-def _fit_gradient(model: nn.Module, sampler: CropSampler, device: torch.device, use_bf16: bool, total_steps: int,
-                  steps_per_epoch: int, budget_s: float, opts: TrainOptions) -> dict[str, Any]:
-    """The VAE/AE Adam loop; returns the card's training summary."""
+def lr_factor(progress: float, schedule: str, floor: float) -> float:
+    """The learning rate's multiplier at `progress` in [0, 1] of the budget: cosine from 1 down to floor."""
+    if schedule == "constant":
+        return 1.0
+    progress = min(max(progress, 0.0), 1.0)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, crops: torch.Tensor, batch_size: int = 128) -> float:
+    """Mean training objective on fixed held-out crops, deterministic (the VAE at z = mu_z)."""
+    model.eval()
+    total = 0.0
+    for start in range(0, crops.shape[0], batch_size):
+        x = crops[start : start + batch_size]
+        if isinstance(model, VAE):
+            mu_z, logvar_z = model.encode(x)
+            t = model.terms(x, mu_z, mu_z, logvar_z)
+            total += float((t["d"] + t["a"] + t["m"]).sum())
+        else:
+            total += float((model.reconstruct(x) - x).pow(2).flatten(1).mean(1).sum())
+    model.train()
+    return total / crops.shape[0]
+
+
+def _fit_gradient(model: nn.Module, sampler: CropSampler, val_sampler: CropSampler | None, device: torch.device,
+                  use_bf16: bool, total_steps: int, steps_per_epoch: int, budget_s: float, opts: TrainOptions,
+                  planned_by: str = "epochs") -> dict[str, Any]:
+    """The VAE/AE Adam loop with a cosine learning rate over the budget (steps or time, whichever ends first)
+    and an early stop when the held-out loss stops improving; returns the card's training summary."""
     optim = torch.optim.Adam(model.parameters(), lr=opts.lr, betas=(0.9, 0.999), weight_decay=opts.weight_decay)
     model.train()
+    val = val_sampler.sample(512).to(device) if val_sampler is not None else None
+    check_every = max(50, total_steps // 40)
+    best, best_step, checks_since_best, history = math.inf, 0, 0, []
     t0 = time.monotonic()
-    step, ema, stopped_by = 0, None, "epochs"
+    step, ema, stopped_by = 0, None, planned_by
     with Progress(total_steps, "train", enabled=opts.progress) as bar:
         while step < total_steps:
             elapsed = time.monotonic() - t0
             if elapsed >= budget_s:
                 stopped_by = "time budget"
                 break
+            progress = max(step / total_steps, elapsed / budget_s)
+            for group in optim.param_groups:
+                group["lr"] = opts.lr * lr_factor(progress, opts.lr_schedule, opts.lr_floor)
             x = sampler.sample(opts.batch_size).to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = loss_fn(model, x)
@@ -250,11 +343,29 @@ def _fit_gradient(model: nn.Module, sampler: CropSampler, device: torch.device, 
             step += 1
             value = float(loss.detach())
             ema = value if ema is None else 0.98 * ema + 0.02 * value
+            if val is not None and (step % check_every == 0 or step == total_steps):
+                v = heldout_loss(model, val)
+                history.append([step, round(v, 4)])
+                # An improvement must beat noise: 0.1 % of the loss's scale.
+                if not math.isfinite(best) or v < best - 1e-3 * max(abs(best), 1.0):
+                    best, best_step, checks_since_best = v, step, 0
+                else:
+                    checks_since_best += 1
+                if opts.early_stop and checks_since_best >= opts.patience and step >= min(opts.min_steps, total_steps):
+                    stopped_by = f"converged (held-out loss flat for {opts.patience} checks)"
+                    bar.update(0, loss=ema, heldout=v)
+                    break
             eta = min((total_steps - step) * elapsed / max(step - 1, 1), budget_s - elapsed) if step > 1 else None
-            bar.update(1, eta_s=eta, epoch=f"{step // steps_per_epoch + 1}/{opts.epochs}", loss=ema)
-    return {"steps": step, "steps_per_epoch": steps_per_epoch, "epochs": round(step / steps_per_epoch, 3),
-            "stopped_by": stopped_by, "final_loss": ema, "batch_size": opts.batch_size, "lr": opts.lr,
-            "weight_decay": opts.weight_decay, "optimizer": "Adam(betas=(0.9, 0.999))"}
+            bar.update(1, eta_s=eta, epoch=f"{step // steps_per_epoch + 1}/{max(1, total_steps // steps_per_epoch)}",
+                       loss=ema, **({"heldout": history[-1][1]} if history else {}))
+        bar.fields["stopped"] = stopped_by
+    return {"steps": step, "planned_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+            "epochs": round(step / steps_per_epoch, 3), "stopped_by": stopped_by, "final_loss": ema,
+            "heldout_loss": {"best": best if math.isfinite(best) else None, "best_step": best_step,
+                             "history": history, "crops": 0 if val is None else int(val.shape[0])},
+            "batch_size": opts.batch_size, "lr": opts.lr,
+            "lr_schedule": f"cosine to {opts.lr_floor} x lr over the budget" if opts.lr_schedule == "cosine"
+            else "constant", "weight_decay": opts.weight_decay, "optimizer": "Adam(betas=(0.9, 0.999))"}
 
 
 def _fit_gmm(sampler: CropSampler, n_images: int, opts: TrainOptions) -> tuple[nn.Module, dict[str, Any]]:
@@ -303,30 +414,90 @@ def _fit_anogan(sampler: CropSampler, device: torch.device, total_steps: int, st
                    "batch_size": opts.batch_size, "lr": opts.lr, **info}
 
 
-def set_training_thresholds(path: Path, files: list[Path], progress: bool = True) -> dict[str, Any]:
-    """The seed's rule until calibration: threshold = the highest image score over the training images."""
-    from edge_agent.calibrate import low_bound
-    from edge_agent.evaluation import blank_frame_scores, score_files  # scoring side; imported late to keep train light
+def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, train_seconds: float,
+                           trained_on: bool = False) -> dict[str, Any]:
+    """The threshold a freshly trained model ships with, from good images it never saw (`files`, the
+    held-out ones): the anomaly map's position statistics from the first half, then every score's
+    threshold by the good-only FRR method (calibrate.py) on the second half, with the bound it achieves.
+
+    trained_on: `files` are the training images (too few to hold out): the seed's max-train rule instead.
+    The phase is kept to a small share of the training time: after the first images it scores only as
+    many as fit in max(60 s, 10 % of training); the card says how many it used.
+    """
+    from edge_agent import calibrate  # scoring side; imported late to keep train light
+    from edge_agent.evaluation import blank_frame_scores
+    from edge_agent.anomaly_map import MapHead, PositionStats, window_max
+    from edge_agent.images import read_image
     from edge_agent.scoring import Scorer
 
     scorer = Scorer(path, device="cpu", threshold=math.inf, warmup=False)
-    results = score_files(scorer, files, progress=progress, label="threshold")
-    blanks = blank_frame_scores(scorer, scorer.card["scores"]["names"])
+    # The floor for each score's low bound (calibrate.low_bound); the map head's score is refitted below, so
+    # it gets the spread rule.
+    blanks = blank_frame_scores(scorer, [n for n in scorer.card["scores"]["names"] if n != scorer.head_name])
+    if opts.threshold_images and opts.threshold_images < len(files):
+        files = [files[round(i * len(files) / opts.threshold_images)] for i in range(opts.threshold_images)]
+    head = scorer.head
+    fit_position = head is not None and opts.position_stats and not trained_on and len(files) >= MIN_HOLDOUT
+    # Alternate: even images give the position statistics, odd ones the threshold, so a phase cut short by
+    # the time budget still has both halves.
+    budget_s = max(60.0, 0.1 * train_seconds)
+    t0 = time.monotonic()
+    position_maps: list[torch.Tensor] = []
+    position_files: list[Path] = []
+    raw: list[dict[str, np.ndarray]] = []
+    smooth: list[torch.Tensor] = []
+    grids: list[Any] = []
+    used: list[Path] = []
+    with Progress(len(files), "threshold", enabled=opts.progress) as bar, torch.inference_mode():
+        for i, f in enumerate(files):
+            done = len(position_files) + len(used)
+            if done >= MIN_HOLDOUT and time.monotonic() - t0 > budget_s:
+                break
+            grid, patches = scorer.patches(read_image(f))
+            if fit_position and i % 2 == 0:
+                position_maps.append(head.smoothed(grid, scorer.pixel_maps(patches)))
+                position_files.append(f)
+            else:
+                raw.append(scorer.score_patches_all(patches))
+                if head is not None:
+                    smooth.append(head.smoothed(grid, scorer.pixel_maps(patches)))
+                grids.append(grid)
+                used.append(f)
+            bar.update(1)
+        if position_maps:
+            head = MapHead(head.sigma_px, PositionStats.fit(position_maps))
+        results: dict[str, list[float]] = {}
+        for k, grid in enumerate(grids):
+            values = dict(raw[k])
+            if head is not None:
+                values[scorer.head_name] = window_max(grid, head.normalized(smooth[k])).numpy()
+            counted = scorer.counted(grid)
+            for name, v in values.items():
+                results.setdefault(name, []).append(float((v[counted] if counted is not None else v).max()))
+    if len(used) < len(files) - len(position_files):
+        logger.info("threshold phase: %d of %d held-out images fitted the %.0f s budget", len(used) +
+                    len(position_files), len(files), budget_s)
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    hashes = file_hashes(used)
 
     def change(card: dict[str, Any]) -> dict[str, Any]:
+        if head is not None:
+            card["anomaly_map"] = {**card["anomaly_map"], **head.card(), "name": card["anomaly_map"]["name"]}
+            if head.position is not None:
+                card["anomaly_map"]["position"]["image_hashes"] = file_hashes(position_files)
         for name in card["scores"]["names"]:
-            image_scores = np.array([r.image_score(name) for r in results], dtype=np.float64)
-            card["thresholds"][name] = {
-                "value": float(image_scores.max()),
-                "method": "max-train",
-                "description": "highest image score over the training images (seeds/003); calibrate to replace",
-                "images": len(files),
-                "data_fingerprint": card["training"]["data_fingerprint"],
-                "chosen_at": now,
-                "good_image_scores": quantiles(image_scores),
-                "low": low_bound(image_scores, blanks[name]),
-            }
+            good = np.array(results[name], dtype=np.float64)
+            method = "max-train" if trained_on else "frr"
+            entry = calibrate.choose(good, None, method, opts.target_frr, None, opts.confidence, blanks.get(name))
+            entry.update({
+                "description": ("highest image score over the training images (seeds/003): too few images to hold "
+                                "out; calibrate to replace") if trained_on else
+                               f"{entry['description']}, on good images held out of training; calibrate to replace",
+                "images": len(used), "image_hashes": [] if trained_on else hashes,
+                "data_fingerprint": card["training"]["data_fingerprint"], "chosen_at": now,
+                "good_image_scores": quantiles(good), "seconds": round(time.monotonic() - t0, 1),
+            })
+            card["thresholds"][name] = entry
         return card
 
     return artifact.update_card(path, change)

@@ -1,0 +1,181 @@
+"""Patch scores from an anomaly map: the model's per-pixel map, averaged where patches overlap, smoothed,
+compared with what good parts show at that place, then each patch scored by the map's maximum inside it.
+
+So a frame is still NG when any patch scores over the threshold, and every consumer (decide, heatmaps,
+calibrate, evaluate) still sees (N,) patch scores; the head's parameters live in the model card under
+`anomaly_map`. Pure torch: runs on the scorer's device. Tensors (N, P, P) for pixel maps, (H, W) for maps.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edge_agent.errors import ModelError
+from edge_agent.patches import PatchGrid
+
+# Position statistics are kept at 1/POSITION_SCALE of the frame's resolution: they vary on the scale of the
+# blur and the part's features, not pixel by pixel, and the card stays small (640x480 -> 160x120).
+POSITION_SCALE = 4
+
+
+def _regular(starts: tuple[int, ...], stride: int) -> int:
+    """How many of the grid's starts lie on the regular stride (the edge-flush last one may not)."""
+    n = len(starts)
+    return n - 1 if n > 1 and starts[-1] - starts[-2] != stride else n
+
+
+def fold_mean(grid: PatchGrid, pixel_maps: torch.Tensor) -> torch.Tensor:
+    """(N, P, P) per-patch pixel maps -> (H, W): each pixel the mean over the patches covering it."""
+    p, s = grid.size, grid.stride
+    nh, nw = grid.shape
+    maps = pixel_maps.reshape(nh, nw, p, p)
+    rh, rw = _regular(grid.ys, s), _regular(grid.xs, s)
+    total = torch.zeros(grid.frame_h, grid.frame_w, dtype=torch.float32, device=pixel_maps.device)
+    count = torch.zeros_like(total)
+    ones = torch.ones(1, p * p, rh * rw, dtype=torch.float32, device=pixel_maps.device)
+    out_h, out_w = grid.ys[rh - 1] + p, grid.xs[rw - 1] + p
+    blocks = maps[:rh, :rw].reshape(rh * rw, p * p).t().unsqueeze(0).float()
+    total[:out_h, :out_w] = F.fold(blocks, (out_h, out_w), p, stride=s)[0, 0]
+    count[:out_h, :out_w] = F.fold(ones, (out_h, out_w), p, stride=s)[0, 0]
+    # The edge-flush last row and column (at most nh + nw - 1 patches) are added one by one.
+    for i in range(nh):
+        for j in range(nw):
+            if i < rh and j < rw:
+                continue
+            y, x = grid.ys[i], grid.xs[j]
+            total[y : y + p, x : x + p] += maps[i, j].float()
+            count[y : y + p, x : x + p] += 1
+    return total / count
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(H, W) -> (H, W), separable Gaussian (truncated at 3 sigma, edges replicated); sigma <= 0: unchanged."""
+    if sigma <= 0:
+        return image
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=image.device)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = (k / k.sum()).to(image.dtype)
+    x = image[None, None]
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
+    return x[0, 0]
+
+
+def window_max(grid: PatchGrid, image: torch.Tensor) -> torch.Tensor:
+    """(H, W) -> (N,): the maximum inside each patch of the grid, row-major like PatchGrid.extract."""
+    p, s = grid.size, grid.stride
+    rh, rw = _regular(grid.ys, s), _regular(grid.xs, s)
+    x = image[None, None]
+    rows = F.max_pool2d(x, (p, 1), stride=(s, 1))[0, 0, :rh]  # (rh, W)
+    if rh < len(grid.ys):
+        rows = torch.cat([rows, image[grid.ys[-1] :].amax(0, keepdim=True)])
+    cells = F.max_pool2d(rows[None, None], (1, p), stride=(1, s))[0, 0, :, :rw]  # (nh, rw)
+    if rw < len(grid.xs):
+        cells = torch.cat([cells, rows[:, grid.xs[-1] :].amax(1, keepdim=True)], 1)
+    return cells.reshape(-1)
+
+
+def _encode(array: np.ndarray) -> str:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _decode(text: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(base64.b64decode(text)), allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise ModelError(f"the model card's anomaly_map statistics are unreadable ({e}); retrain the model") from None
+
+
+@dataclass(frozen=True)
+class PositionStats:
+    """What good parts' smoothed maps show at each place: mean and spread, (h, w) at reduced resolution."""
+
+    mean: np.ndarray
+    spread: np.ndarray
+    images: int
+
+    @staticmethod
+    def fit(maps: list[torch.Tensor] | torch.Tensor, floor_quantile: float = 0.05) -> PositionStats:
+        """From smoothed good maps (each (H, W)): per-place median and a robust spread (1.4826 x MAD).
+
+        The spread is floored at a low quantile of itself so a place where good parts never vary (a dark
+        hole bottom) cannot turn a tiny wobble into a huge normalized score.
+        """
+        stack = torch.stack(list(maps)).float()
+        small = F.avg_pool2d(stack[:, None], POSITION_SCALE, ceil_mode=True)[:, 0]
+        median = small.median(0).values
+        spread = 1.4826 * (small - median).abs().median(0).values
+        floor = torch.quantile(spread.flatten(), floor_quantile).clamp(min=1e-6)
+        return PositionStats(median.numpy(), torch.maximum(spread, floor).numpy(), int(stack.shape[0]))
+
+    def card(self) -> dict[str, Any]:
+        return {"scale": POSITION_SCALE, "images": self.images, "shape": list(self.mean.shape),
+                "mean_npy_base64": _encode(self.mean), "spread_npy_base64": _encode(self.spread)}
+
+    @staticmethod
+    def from_card(record: dict[str, Any]) -> PositionStats:
+        mean, spread = _decode(record["mean_npy_base64"]), _decode(record["spread_npy_base64"])
+        if mean.shape != spread.shape or mean.ndim != 2 or not (np.isfinite(mean).all() and (spread > 0).all()):
+            raise ModelError("the model card's anomaly_map position statistics are malformed; retrain the model")
+        return PositionStats(mean, spread, int(record.get("images", 0)))
+
+    def at(self, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and spread resized to a (height, width) frame, on device."""
+        def up(a: np.ndarray) -> torch.Tensor:
+            t = torch.from_numpy(a)[None, None]
+            return F.interpolate(t, size=(height, width), mode="bilinear", align_corners=False)[0, 0].to(device)
+
+        return up(self.mean), up(self.spread)
+
+
+@dataclass(frozen=True)
+class MapHead:
+    """The card's `anomaly_map`: pixel maps -> fold mean -> blur -> (minus place mean) / place spread -> window max."""
+
+    sigma_px: float
+    position: PositionStats | None = None
+
+    @staticmethod
+    def from_card(card: dict[str, Any]) -> MapHead | None:
+        record = card.get("anomaly_map")
+        if not record:
+            return None
+        position = record.get("position")
+        return MapHead(float(record.get("blur_sigma_px", 0.0)), PositionStats.from_card(position) if position else None)
+
+    def card(self) -> dict[str, Any]:
+        return {"source": "pixel_map", "fold": "mean over overlapping patches", "blur_sigma_px": self.sigma_px,
+                "position": self.position.card() if self.position else None,
+                "patch_score": "max of the map inside the patch" + (
+                    ", the map normalized by the good parts' median and spread at each place" if self.position else "")}
+
+    def smoothed(self, grid: PatchGrid, pixel_maps: torch.Tensor) -> torch.Tensor:
+        """(N, P, P) -> (H, W): the fold mean, blurred; what PositionStats.fit takes."""
+        return gaussian_blur(fold_mean(grid, pixel_maps), self.sigma_px)
+
+    def normalized(self, smooth: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        if self.position is None:
+            return smooth
+        key = (smooth.shape[0], smooth.shape[1], smooth.device)
+        stats = cache.get(key) if cache is not None else None
+        if stats is None:
+            stats = self.position.at(smooth.shape[0], smooth.shape[1], smooth.device)
+            if cache is not None:
+                cache[key] = stats
+        mean, spread = stats
+        return (smooth - mean) / spread
+
+    def patch_scores(self, grid: PatchGrid, pixel_maps: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """(N, P, P) pixel maps of one frame -> (N,) patch scores."""
+        return window_max(grid, self.normalized(self.smoothed(grid, pixel_maps), cache))
