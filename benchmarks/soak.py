@@ -113,6 +113,8 @@ port = {port}
 dir = "{work / 'outbox'}"
 [metrics]
 port = {metrics_port}
+[web]
+port = 0
 """)
         with EmbeddedBroker(port):
             consumer = Counter(port)

@@ -14,7 +14,9 @@ import platform
 import signal
 import statistics
 import tempfile
+import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +36,11 @@ class BenchOptions:
     latency_frames: int = 5  # single frames at low load
     test_frames: int = 6  # synthetic test set (half good, half defective) for bf16 vs fp32
     repeats: int = 3  # best-of for matmul and scorer timings
-    batch_size: int = 512
+    batch_size: int = 64  # the config default: activations stay in cache on a CPU
     threads: int | None = None
     precision: str = "fp32"  # of the pipeline and latency runs
     tiny: bool = False  # a tiny model and frame: tests and smoke runs, not a measurement
+    train_steps: int = 3  # timed VAE train steps per precision (0: skip the training measurement)
     frame_w: int = 640
     frame_h: int = 480
 
@@ -94,6 +97,48 @@ def matmul_gflops(device: torch.device, n: int | None = None, repeats: int = 3,
     return 2 * n**3 / best / 1e9
 
 
+# GEMM shapes tried for the machine's limit: square, and the tall-skinny shapes convolutions lower to.
+GEMM_SHAPES = {"cpu": ((1024, 1024, 1024), (2048, 2048, 2048), (8192, 512, 512), (4096, 1024, 2048)),
+               "cuda": ((4096, 4096, 4096), (8192, 8192, 8192), (16384, 4096, 4096))}
+
+
+def gemm_gflops(device: torch.device, shape: tuple[int, int, int], dtype: torch.dtype, repeats: int = 2,
+                clock=time.perf_counter) -> float:
+    """Best-of (m x k) @ (k x n) in GFLOP/s; clock=time.process_time counts only the time this process ran."""
+    m, k, n = shape
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = clock()
+        a @ b
+        _sync(device)
+        best = min(best, clock() - t0)
+    return 2 * m * k * n / max(best, 1e-9) / 1e9
+
+
+def matmul_limit(device: torch.device, dtype: torch.dtype, repeats: int = 2, thread_counts: list[int] | None = None,
+                 clock=time.perf_counter) -> dict[str, Any]:
+    """This machine's limit for dtype: the best GFLOP/s over GEMM_SHAPES and thread counts (1 and torch's
+    default on CPU; under load one thread can beat two). The reference every scorer fraction divides by."""
+    default = torch.get_num_threads()
+    counts = thread_counts or (sorted({1, default}) if device.type == "cpu" else [default])
+    runs = []
+    try:
+        for t in counts:
+            torch.set_num_threads(t)
+            for shape in GEMM_SHAPES[device.type]:
+                runs.append({"shape": "x".join(map(str, shape)), "threads": t,
+                             "gflops": gemm_gflops(device, shape, dtype, repeats, clock)})
+    finally:
+        torch.set_num_threads(default)
+    best = max(runs, key=lambda r: r["gflops"])
+    return {"gflops": best["gflops"], "shape": best["shape"], "threads": best["threads"], "runs": runs}
+
+
 def vae_flops_per_patch(channels: int, patch_size: int, nc: int, nz: int) -> float:
     """Multiply-adds x 2 of the seed VAE from its layer shapes (conv/deconv 4x4, the two linear layers)."""
     from edge_agent.train.nets import encoder_sizes
@@ -140,7 +185,7 @@ def _time_frames(scorer, frames: list[np.ndarray]) -> tuple[list[np.ndarray], li
         grid, patches = scorer.patches(image)
         _sync(scorer.device)
         t0 = time.perf_counter()
-        scores.append(scorer.score_patches(patches))
+        scores.append(scorer.score_frame(grid, patches))
         seconds.append(time.perf_counter() - t0)
     return scores, seconds
 
@@ -162,7 +207,7 @@ def run_bench(opts: BenchOptions, workdir: Path | None = None) -> dict[str, Any]
     tmp = tempfile.TemporaryDirectory(prefix="edge-agent-bench-") if workdir is None else None
     root = Path(tmp.name) if tmp else workdir
     try:
-        model = opts.model
+        model = opts.model.resolve() if opts.model is not None else None  # the daemon config lives in a temp dir
         if model is None:
             model = root / "seed-vae.pt"
             export_seed(model, opts.tiny, w, h)
@@ -179,10 +224,13 @@ def run_bench(opts: BenchOptions, workdir: Path | None = None) -> dict[str, Any]
 
         low_dtype = torch.bfloat16 if reduced == "bf16" else torch.float16
         mm, mm16, t32, t16 = [], [], [], []
+        lim32, lim16 = [], []
         s32 = s16 = []
         for _ in range(opts.repeats):  # interleaved, so load changes hit all of them alike
-            mm.append(matmul_gflops(device, repeats=2))
-            mm16.append(matmul_gflops(device, repeats=2, dtype=low_dtype))
+            lim32.append(matmul_limit(device, torch.float32, repeats=1))
+            lim16.append(matmul_limit(device, low_dtype, repeats=1))
+            mm.append(lim32[-1]["gflops"])
+            mm16.append(lim16[-1]["gflops"])
             s32, sec = _time_frames(fp32, frames)
             t32 += sec
             s16, sec = _time_frames(low, frames)
@@ -190,6 +238,9 @@ def run_bench(opts: BenchOptions, workdir: Path | None = None) -> dict[str, Any]
         grid = fp32.grid(h, w)
         flops = _flops(card)
         best = max(mm)
+        best16 = max(mm16)
+        limit32 = max(lim32, key=lambda r: r["gflops"])
+        limit16 = max(lim16, key=lambda r: r["gflops"])
         pps32 = grid.count / min(t32)
         pps16 = grid.count / min(t16)
         a, b = np.concatenate(s32), np.concatenate(s16)
@@ -212,7 +263,13 @@ def run_bench(opts: BenchOptions, workdir: Path | None = None) -> dict[str, Any]
             "flops_per_patch": flops, "flops_per_frame": flops * grid.count if flops else None,
             "matmul_gflops": best, "matmul_gflops_runs": mm,
             # The reduced-precision ceiling of this machine: bf16_speedup cannot beat this ratio.
-            f"matmul_{reduced}_gflops": max(mm16), f"matmul_{reduced}_over_fp32": max(mm16) / best,
+            f"matmul_{reduced}_gflops": best16, f"matmul_{reduced}_over_fp32": best16 / best,
+            "matmul_limit": {"fp32": {k: limit32[k] for k in ("gflops", "shape", "threads")},
+                             reduced: {k: limit16[k] for k in ("gflops", "shape", "threads")},
+                             "shapes": [r["shape"] for r in limit32["runs"] if r["threads"] == limit32["runs"][0]["threads"]],
+                             "thread_counts": sorted({r["threads"] for r in limit32["runs"]})},
+            "fp32_fraction_of_fp32_matmul": pps32 * flops / 1e9 / best if flops else None,
+            f"{reduced}_fraction_of_{reduced}_matmul": pps16 * flops / 1e9 / best16 if flops else None,
             "scorer_patches_per_s": {"fp32": pps32, reduced: pps16},
             "scorer_frame_s": {"fp32": min(t32), reduced: min(t16),
                                "fp32_median": statistics.median(t32), f"{reduced}_median": statistics.median(t16)},
@@ -228,6 +285,11 @@ def run_bench(opts: BenchOptions, workdir: Path | None = None) -> dict[str, Any]
                             "closest_frame_to_threshold_rel": min(margins),
                             "fp32_anomalous": sum(v32), f"{reduced}_anomalous": sum(v16)},
         }
+        if device.type == "cpu" and flops:
+            patches = fp32.patches(frames[0])[1][: -(-grid.count // 2)]  # half a frame (438 at 640x480)
+            result["per_core"] = _per_core({"fp32": fp32, reduced: low}, patches, flops, opts.repeats)
+        if opts.train_steps and device.type == "cpu":
+            result["training"] = _training(good, opts, {"fp32": best, reduced: best16})
         del fp32, low
         if opts.model is None:  # the pipeline runs decide against this threshold, as a calibrated station would
             _set_threshold(model, threshold)
@@ -237,6 +299,40 @@ def run_bench(opts: BenchOptions, workdir: Path | None = None) -> dict[str, Any]
     finally:
         if tmp:
             tmp.cleanup()
+
+
+def _per_core(scorers: dict[str, Any], patches: torch.Tensor, flops_per_patch: float, repeats: int) -> dict[str, Any]:
+    """One thread timed by CPU time (time.process_time): the time other processes take from this one is not
+    counted, so on a shared machine these fractions hold where wall-clock ones swing with the load."""
+    default = torch.get_num_threads()
+    torch.set_num_threads(1)
+    limits: dict[str, list[float]] = {k: [] for k in scorers}
+    rates: dict[str, list[float]] = {k: [] for k in scorers}
+    try:
+        for _ in range(repeats):
+            for name, scorer in scorers.items():
+                limits[name].append(matmul_limit(torch.device("cpu"), scorer.dtype, 1, [1], time.process_time)["gflops"])
+                t0 = time.process_time()
+                scorer.score_patches(patches)
+                rates[name].append(patches.shape[0] * flops_per_patch / (time.process_time() - t0) / 1e9)
+    finally:
+        torch.set_num_threads(default)
+    return {"threads": 1, "clock": "process_time", "patches": patches.shape[0],
+            "matmul_gflops": {k: max(v) for k, v in limits.items()},
+            "scorer_gflops": {k: max(v) for k, v in rates.items()},
+            "fraction_of_own_matmul": {k: max(rates[k]) / max(limits[k]) for k in scorers}}
+
+
+def _training(good: list[np.ndarray], opts: BenchOptions, limit: dict[str, float]) -> dict[str, Any]:
+    """VAE train steps at the bench's patch size (seed: P=96, Nc=32, Nz=100, fit's default batch 64)."""
+    from edge_agent.patches import to_tensor
+    from edge_agent.train.fit import TrainOptions
+    from edge_agent.train.throughput import train_throughput
+
+    shape = TINY if opts.tiny else SEED
+    train = TrainOptions(model="vae", channels=1, patch_size=shape["patch_size"], nc=shape["nc"], nz=shape["nz"])
+    images = [to_tensor(f, 1) for f in good]
+    return train_throughput(images, train, opts.train_steps, limit)
 
 
 def _set_threshold(model: Path, value: float) -> None:
@@ -280,6 +376,62 @@ def _daemon_run(config: Path, frames: int) -> list[tuple[float, dict[str, Any], 
     return got
 
 
+def _poll_once(base: str, since: int) -> int:
+    """One poll of an open station page: the state, the verdicts after `since`, the latest image; returns last_seq."""
+    with urllib.request.urlopen(base + "/api/state", timeout=5) as r:
+        state = json.loads(r.read())
+    if state["last_seq"] > since:
+        with urllib.request.urlopen(f"{base}/api/verdicts?since={since}", timeout=5) as r:
+            r.read()
+        if state["latest"]["image"]:
+            with urllib.request.urlopen(base + state["latest"]["image"], timeout=5) as r:
+                r.read()
+    return int(state["last_seq"])
+
+
+def _poll_page(port: int, stop: threading.Event, period_s: float, counts: dict[str, int]) -> None:
+    base, since = f"http://127.0.0.1:{port}", 0
+    while not stop.wait(period_s if counts["polls"] else 0.02):  # at once when the page comes up, then periodic
+        try:
+            since = _poll_once(base, since)
+            counts["polls"] += 1
+        except (OSError, ValueError, KeyError):
+            counts["errors"] += 1  # before the page is up, after it stops
+
+
+def _page_cost(verdicts: list[dict[str, Any]], image: np.ndarray, polls: int = 100) -> dict[str, float]:
+    """The page's cost apart from load noise: the infer thread's hook per verdict, the server's CPU per poll."""
+    from edge_agent.state import StationState
+    from edge_agent.web import StationPage
+
+    jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes()
+    state = StationState("bench")
+    t0 = time.perf_counter()
+    for v in verdicts:
+        state.verdict(v, jpeg, image)
+    hook_s = (time.perf_counter() - t0) / max(1, len(verdicts))
+    page = StationPage(state, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{page.start()}"
+    try:
+        last = _poll_once(base, 0)
+        client0, process0 = time.thread_time(), time.process_time()
+        for _ in range(polls):
+            _poll_once(base, last - 1)  # one new verdict per poll, as at one frame per second
+        server_s = (time.process_time() - process0) - (time.thread_time() - client0)
+    finally:
+        page.stop()
+    return {"page_hook_us_per_verdict": hook_s * 1e6, "page_server_cpu_ms_per_poll": server_s / polls * 1e3,
+            "page_cost_polls": polls}
+
+
+def _rate(runs: list[tuple[float, dict[str, Any], float]]) -> tuple[float, float]:
+    """(steady frames/s between the first and the last verdict, mean infer-stage seconds after the first frame)."""
+    arrivals = [t for t, _, _ in runs]
+    fps = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else float("nan")
+    inference = [v["latency_s"].get("inference", float("nan")) for _, v, _ in runs]
+    return fps, sum(inference[1:]) / max(1, len(inference) - 1)
+
+
 def _pipeline(model: Path, frames: list[np.ndarray], root: Path, opts: BenchOptions,
               median_frame_s: float) -> dict[str, Any]:
     from edge_agent.broker import find_mosquitto, free_port
@@ -291,9 +443,24 @@ def _pipeline(model: Path, frames: list[np.ndarray], root: Path, opts: BenchOpti
             f'precision = "{opts.precision}"\nbatch_size = {opts.batch_size}\n[mqtt]\n{mqtt}\nheatmap = "all"\n'
             f'[outbox]\ndir = "{root / "outbox"}"\nflush_timeout_s = 2.0\n[metrics]\nenabled = false\n'
             f'[logging]\nlevel = "WARNING"\n')
+    no_page = "[web]\nenabled = false\n"
     config = root / "bench.toml"
-    config.write_text(base + f'[source]\nkind = "file"\nuri = "{video}"\nloop = true\n')
+    source = f'[source]\nkind = "file"\nuri = "{video}"\nloop = true\n'
+    config.write_text(base + no_page + source)
     runs = _daemon_run(config, max(2, opts.frames))
+    # The same run with the station page served and polled 4x as often as an open page polls.
+    page_port, poll_period_s, polls = free_port(), 0.25, {"polls": 0, "errors": 0}
+    config.write_text(base + f"[web]\nport = {page_port}\n" + source)
+    stop = threading.Event()
+    poller = threading.Thread(target=_poll_page, args=(page_port, stop, poll_period_s, polls), name="bench-page",
+                              daemon=True)
+    poller.start()
+    try:
+        polled = _daemon_run(config, max(2, opts.frames))
+    finally:
+        stop.set()
+        poller.join(10)
+    polled_fps, polled_in_run_s = _rate(polled)
     arrivals = [t for t, _, _ in runs]
     # Steady rate between the first and the last verdict: excludes start-up and the first frame.
     fps = (len(arrivals) - 1) / (arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else float("nan")
@@ -304,7 +471,8 @@ def _pipeline(model: Path, frames: list[np.ndarray], root: Path, opts: BenchOpti
     stage_s = {k: statistics.median(v["latency_s"].get(k, 0.0) for _, v, _ in runs) for k in stages}
     # Low load: frames come at 1/1.5 of the scorer's rate, so none waits for another.
     period_s = 1.5 * median_frame_s
-    config.write_text(base + f'[source]\nkind = "file"\nuri = "{video}"\nloop = true\nfps = {1 / period_s:.6g}\n')
+    config.write_text(base + no_page + f'[source]\nkind = "file"\nuri = "{video}"\nloop = true\n'
+                      f'fps = {1 / period_s:.6g}\n')
     single = _daemon_run(config, max(2, opts.latency_frames))
     latency = [t - v["captured_at"] for t, v, _ in single]
     scoring = [v["latency_s"].get("inference", float("nan")) for _, v, _ in single]
@@ -333,6 +501,12 @@ def _pipeline(model: Path, frames: list[np.ndarray], root: Path, opts: BenchOpti
         "rss_frames": len(rss),
         "rss_mb_per_frame": [round(r, 1) for r in rss],
         "rss_mb_after_latency_run": single[-1][2],
+        # The station page's cost: the same pipeline run while a client polls the page every 0.25 s.
+        "page_polled_frames_per_s": polled_fps,
+        "page_polled_efficiency": polled_fps * polled_in_run_s,
+        "page_overhead": 1.0 - (polled_fps * polled_in_run_s) / (fps * in_run_s),
+        "page_polls": polls["polls"], "page_poll_period_s": poll_period_s,
+        **_page_cost([v for _, v, _ in runs], frames[-1]),
     }
 
 
@@ -350,8 +524,20 @@ def summary(r: dict[str, Any]) -> str:
         + (f"  {r['scorer_gflops']:.1f} GFLOP/s = {frac:.0%} of matmul" if frac else ""),
         f"scorer {red}        {r['scorer_patches_per_s'][red]:8.1f} patches/s  x{r[f'{red}_speedup']:.2f}, "
         f"max rel error {r[f'{red}_max_rel_score_error']:.2e}, verdicts identical: {r[f'{red}_verdicts_identical']}",
+        f"limit              fp32 {r['matmul_limit']['fp32']['gflops']:.1f}, {red} {r['matmul_limit'][red]['gflops']:.1f} GFLOP/s "
+        f"(best GEMM shape and thread count); scorer fp32 {r['fp32_fraction_of_fp32_matmul'] or 0:.0%} of fp32, "
+        f"{red} {r[f'{red}_fraction_of_{red}_matmul'] or 0:.0%} of {red}",
+        *([f"per core (CPU time) fp32 {r['per_core']['fraction_of_own_matmul']['fp32']:.0%}, {red} "
+           f"{r['per_core']['fraction_of_own_matmul'][red]:.0%} of their own matmul"] if "per_core" in r else []),
+        *([f"training           {t['fp32']['steps_per_s']:.3f} steps/s fp32 ({t['fp32']['fraction_of_matmul']:.0%} of "
+           f"matmul), {t['bf16']['steps_per_s']:.3f} bf16 autocast ({t['bf16']['fraction_of_matmul']:.0%}); "
+           f"batch {t['batch_size']}, crop sampling {t['fp32']['sampling_share_of_step']:.1%} of a step"]
+          if (t := r.get("training")) else []),
         f"pipeline           {r['pipeline_frames_per_s']:8.3f} frames/s = {r['pipeline_efficiency']:.0%} of scorer-only "
         f"({r['pipeline_publisher']})",
+        f"page polled 4/s    {r['page_polled_frames_per_s']:8.3f} frames/s = {r['page_polled_efficiency']:.0%} of "
+        f"scorer-only ({r['page_polls']} polls; overhead {r['page_overhead']:+.1%}); hook "
+        f"{r['page_hook_us_per_verdict']:.1f} us/verdict, server {r['page_server_cpu_ms_per_poll']:.2f} ms CPU/poll",
         f"latency            p50 {r['latency_p50_s']:.3f} s, p99 {r['latency_p99_s']:.3f} s "
         f"(p99 {r['latency_over_scoring_p99']:.2f} x scoring)",
         f"rss growth         {r['rss_growth_mb']:+.1f} MB over {r['rss_frames']} frames",

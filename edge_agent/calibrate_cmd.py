@@ -88,7 +88,7 @@ def run_calibration(model: Path, good: Path, defect: Path | None = None, masks: 
                     score_name: str | None = None, method: str | None = None, target_frr: float | None = None,
                     target_recall: float | None = None, confidence: float = 0.95, ignore_mask: Path | None = None,
                     strict: bool = False, dry_run: bool = False, report: Path | None = None, device: str = "auto",
-                    progress: bool = True, warn: Callable[[str], None] = print) -> str:
+                    progress: bool = True, warn: Callable[[str], None] = print, precision: str = "fp32") -> str:
     """Calibrate model in place (unless dry_run) and return the summary to print."""
     method = resolve_method(method, target_frr, target_recall)
     rate = 0.01 if target_frr is None else target_frr
@@ -102,7 +102,7 @@ def run_calibration(model: Path, good: Path, defect: Path | None = None, masks: 
     if method in calibrate.NEEDS_DEFECTS and not defect_files:
         raise ConfigError(f"--method {method} needs defective images; pass --defect DIR or use --method frr")
 
-    scorer = Scorer(model, device=device, score_name=score_name, threshold=math.inf)
+    scorer = Scorer(model, device=device, score_name=score_name, threshold=math.inf, precision=precision)
     card = scorer.card
     name = scorer.score_name
     record = None
@@ -143,6 +143,7 @@ def run_calibration(model: Path, good: Path, defect: Path | None = None, masks: 
         "ignore_mask_sha256": (record or card.get("ignore_mask") or {}).get("sha256"),
         "chosen_at": now, "tool_version": edge_agent.__version__,
         "good_image_scores": _quantiles(good_scores), "defect_image_scores": _quantiles(defect_scores),
+        "scored_with": scorer.scored_with(),  # the station warns when it scores in another precision
     })
     if defect_files:
         labels = np.r_[np.zeros(len(good_files)), np.ones(len(defect_files))]

@@ -103,7 +103,7 @@ def train(
     early_stop: Annotated[bool, typer.Option(help="Stop when the held-out loss stops improving.")] = True,
     anomaly_map: Annotated[bool, typer.Option(help="Add the anomaly-map score (smoothed pixel map, the default "
                                                    "score) next to the patch scores.")] = True,
-    blur_sigma: Annotated[Optional[float], typer.Option(help="Anomaly map blur in px; default: patch size / 16.")] = None,
+    blur_sigma: Annotated[Optional[float], typer.Option(help="Anomaly map blur in px; default: patch size / 32.")] = None,
     position_stats: Annotated[bool, typer.Option(help="Compare the anomaly map with good parts at the same place "
                                                       "(fixtured parts); --no-position-stats for free-lying parts.")] = True,
     target_frr: Annotated[float, typer.Option(help="False-reject rate the initial threshold aims at.")] = 0.01,
@@ -147,6 +147,8 @@ def train(
                         early_stop=early_stop, anomaly_map=anomaly_map, blur_sigma=blur_sigma,
                         position_stats=position_stats, target_frr=target_frr)
     card = fit(data_dir, out, opts)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 wrote the file and reports it
+        return
     t = card["training"]
     th = card["thresholds"][card["scores"]["default"]]
     if th["method"] == "frr":
@@ -292,13 +294,14 @@ def calibrate(
     report: Annotated[Optional[Path], typer.Option(help="Write calibration.json, histograms.png (and roc.png) here.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    precision: Annotated[str, typer.Option(help="fp32, bf16, fp16 or auto: score as the station will (model.precision); recorded with the threshold.")] = "fp32",
 ) -> None:
     """Set the threshold from good images (false-reject bound) or with defects (F1, Youden, recall); writes the card."""
     from edge_agent.calibrate_cmd import run_calibration
 
     summary = run_calibration(model, good, defect, masks, score_name, method, target_frr, target_recall, confidence,
                               ignore_mask, strict, dry_run, report, device, not quiet,
-                              warn=lambda msg: typer.echo(f"edge-agent: warning: {msg}", err=True))
+                              warn=lambda msg: typer.echo(f"edge-agent: warning: {msg}", err=True), precision=precision)
     typer.echo(summary)
 
 
@@ -375,10 +378,11 @@ def bench(
     test_frames: Annotated[int, typer.Option(min=2, help="Synthetic test frames (half defective) for fp32 vs bf16.")] = 6,
     repeats: Annotated[int, typer.Option(min=1, help="Best-of repeats for matmul and scorer timings.")] = 3,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    batch_size: Annotated[int, typer.Option(min=1, help="Patches per forward pass.")] = 512,
+    batch_size: Annotated[int, typer.Option(min=1, help="Patches per forward pass.")] = 64,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads; default: torch's (physical cores).")] = None,
     precision: Annotated[str, typer.Option(help="Precision of the pipeline and latency runs: fp32, bf16 or fp16.")] = "fp32",
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny model and 128x128 frames: a smoke run, not a measurement.")] = False,
+    train_steps: Annotated[int, typer.Option(min=0, help="Timed VAE train steps per precision (0 = skip training throughput).")] = 3,
 ) -> None:
     """Measure matmul, scorer (fp32, bf16), the daemon pipeline, latency and memory on this machine."""
     from edge_agent.bench import BenchOptions, run_bench, summary, to_json
@@ -389,7 +393,7 @@ def bench(
         raise DataError(f"--precision {precision!r} must be fp32, bf16 or fp16")
     result = run_bench(BenchOptions(model=model, device=device, frames=frames, latency_frames=latency_frames,
                                     test_frames=test_frames, repeats=repeats, batch_size=batch_size,
-                                    threads=threads, precision=precision, tiny=tiny))
+                                    threads=threads, precision=precision, tiny=tiny, train_steps=train_steps))
     typer.echo(to_json(result) if json_out else summary(result))
 
 

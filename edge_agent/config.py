@@ -6,6 +6,7 @@ the offending value and the fix, one line each, and raise ConfigError (exit code
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -40,9 +41,11 @@ class ModelConfig(Section):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device; auto = CUDA when present.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Inference precision; auto = bf16 on CPUs with AMX/AVX512-BF16 and on GPUs."
+        "fp32", description="Inference precision; auto = bf16 on CPUs with AMX/AVX512-BF16 and on GPUs of compute "
+        "capability >= 8.0, fp16 on older GPUs."
     )
-    batch_size: int = Field(512, ge=1, le=65536, description="Patches per forward pass.")
+    batch_size: int = Field(64, ge=1, le=65536, description="Patches per forward pass; 64 keeps a CPU's activations "
+                            "in cache (docs/PERFORMANCE.md), a GPU may want 256-1024.")
     ignore_mask: Path | None = Field(
         None, description="PNG whose black pixels mark areas where patches do not count (overrides the card's)."
     )
@@ -210,6 +213,52 @@ class RetentionConfig(Section):
     ok_sample_rate: float = Field(0.0, ge=0, le=1, description="Fraction of OK frames to keep as well.")
 
 
+class WebConfig(Section):
+    enabled: bool = Field(True, description="Serve the station page and its read-only JSON API over HTTP.")
+    host: str = Field(
+        "127.0.0.1", description="Page bind address; loopback by default. Any other address needs web.auth_file."
+    )
+    port: int = Field(8108, ge=0, le=65535, description="Page port (0 = pick a free one).")
+    auth_file: Path | None = Field(
+        None,
+        description="File holding the page's access token (sent as a Bearer token or as the password of HTTP basic "
+        'auth); $VARIABLES expand when it is read, so a systemd credential is "${CREDENTIALS_DIRECTORY}/web-token".',
+    )
+    recent: int = Field(60, ge=1, le=1000, description="Recent verdicts the page keeps in memory (the strip, /api/verdicts).")
+
+    @model_validator(mode="after")
+    def _auth_off_loopback(self) -> WebConfig:
+        if self.enabled and self.auth_file is None and not is_loopback(self.host):
+            raise ValueError(f"web.host = {self.host!r} is not a loopback address, so the page needs a token: set "
+                             'web.auth_file (e.g. "${CREDENTIALS_DIRECTORY}/web-token") or web.host = "127.0.0.1"')
+        return self
+
+    def token(self) -> str | None:
+        """The access token from auth_file; None when the page is open (loopback without auth_file)."""
+        if self.auth_file is None:
+            return None
+        path = Path(os.path.expandvars(self.auth_file))
+        if "$" in str(path):
+            raise ConfigError(f"web.auth_file {self.auth_file}: a variable in it is not set; run it under systemd "
+                              "with LoadCredential=web-token:... or give a plain path")
+        try:
+            token = path.read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"web.auth_file {path}: {e.strerror}; fix the path or permissions")
+        if not token:
+            raise ConfigError(f"web.auth_file {path} is empty; write a token into it (e.g. openssl rand -hex 16)")
+        return token
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
 class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
 
@@ -229,6 +278,7 @@ class Config(Section):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="Durable delivery.")
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint.")
     retention: RetentionConfig = Field(default_factory=RetentionConfig, description="Audit copies of frames.")
+    web: WebConfig = Field(default_factory=WebConfig, description="The station page.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
 
     @model_validator(mode="before")

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from edge_agent.metrics import Metrics
     from edge_agent.pipeline import Model, Pipeline
+    from edge_agent.state import StationState
 
 # The stage modules (torch, OpenCV) are imported where they are used, so that check-config of a
 # config with a typo answers at once.
@@ -128,6 +129,28 @@ def _serve_metrics(config: Config, metrics: Metrics, stack: contextlib.ExitStack
     stack.callback(server.shutdown)
 
 
+def _serve_page(config: Config, metrics: Metrics, model: Model, stack: contextlib.ExitStack) -> StationState | None:
+    """The station page's state, fed by the metrics' health hooks, and its server; None when web.enabled is off."""
+    from edge_agent.state import StationState
+    from edge_agent.web import StationPage
+
+    web = config.web
+    if not web.enabled:
+        return None
+    state = StationState(config.station.id, config.station.name, web.recent, jpeg_quality=config.mqtt.heatmap_quality)
+    state.model(model.scorer, threshold_from_config=config.model.threshold is not None)
+    metrics.watch_health(state)
+    retention_dir = config.retention.dir if config.retention.enabled else None
+    page = StationPage(state, web.host, web.port, web.token(), retention_dir)
+    try:
+        page.start()
+    except OSError as e:
+        raise EdgeAgentError(f"station page {web.host}:{web.port}: {e.strerror}; "
+                             "set web.port to a free port or web.enabled = false") from None
+    stack.callback(page.stop)
+    return state
+
+
 def run(config_path: Path, overrides: list[str] | None = None, max_frames: int | None = None,
         on_verdict: Callable[[dict[str, Any]], None] | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT, the end of a non-looping file, or max_frames; returns 0."""
@@ -153,6 +176,7 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
 
     with contextlib.ExitStack() as stack:
         _serve_metrics(config, metrics, stack)
+        state = _serve_page(config, metrics, model, stack)
         outbox = Outbox(config.outbox.dir, int(config.outbox.max_mb * 1024 * 1024))
         stack.callback(outbox.close)
         broker = start_embedded_if_needed(config.mqtt)
@@ -170,10 +194,12 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
         stack.callback(publisher.stop, config.outbox.flush_timeout_s)
         reloader = _Reloader(config_path, overrides, config, pipeline, metrics)
         _install_signals(stop, reloader)
+        pipeline.state = state
         pipeline.start()
         watchdog.start()
         stack.callback(watchdog.stop)
-        systemd.ready(f"inspecting {pipeline.source.describe()} with {scorer.model_id}")
+        fallback = " ON CPU: GPU expected but unavailable (see log)" if getattr(scorer, "device_fallback", None) else ""
+        systemd.ready(f"inspecting {pipeline.source.describe()} with {scorer.model_id}{fallback}")
         logger.info("ready: station %s, %s mode, model %s (%s, threshold %.6g), boot %s", config.station.id,
                     config.inspection.mode, scorer.model_id, scorer.score_name, scorer.threshold, boot_id)
         stop.wait()
@@ -210,6 +236,7 @@ def _model_info(metrics: Metrics, model: Model) -> None:
     metrics.model_info(s.model_id, s.checksum, s.score_name, s.threshold, str(s.device),
                        str(s.dtype).removeprefix("torch."))
     metrics.calibration(s.threshold, s.card.get("thresholds", {}).get(s.score_name, {}).get("good_image_scores"))
+    metrics.device_fallback(getattr(s, "device_fallback", None) is not None)
 
 
 def _install_signals(stop: threading.Event, reloader: _Reloader) -> None:
@@ -247,7 +274,8 @@ class _Reloader:
             systemd.reloading()
             try:
                 config = load_config(self.config_path, self.overrides)
-                for section in ("station", "source", "inspection", "trigger", "mqtt", "outbox", "metrics", "retention"):
+                for section in ("station", "source", "inspection", "trigger", "mqtt", "outbox", "metrics", "retention",
+                                "web"):
                     if getattr(config, section) != getattr(self.config, section):
                         logger.warning("reload: changes in [%s] take effect only after a restart", section)
                 if set(config.recipes) != set(self.config.recipes):
@@ -266,6 +294,8 @@ class _Reloader:
                 return False
             finally:
                 systemd.ready()
+            if self.pipeline.state is not None:
+                self.pipeline.state.model(model.scorer, threshold_from_config=config.model.threshold is not None)
             s = model.scorer
             _model_info(self.metrics, model)
             publish_info = getattr(self.pipeline.publisher, "publish_info", None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
@@ -128,6 +129,9 @@ class Metrics:
         self.triggers = Counter("edge_agent_triggers", "PLC triggers, by outcome.", ["result"], registry=r)
         self.errors = Counter("edge_agent_errors", "Steady-state errors, by stage.", ["stage"], registry=r)
         self.patches_scored_total = Counter("edge_agent_patches_scored", "Patches scored.", registry=r)
+        self.device_fallback_gauge = Gauge(
+            "edge_agent_device_fallback", "1 while scoring runs on the CPU although a GPU was expected (see the log).",
+            registry=r)
         # Known label values start at 0 so rate() and alerts work before the first event.
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
@@ -143,9 +147,17 @@ class Metrics:
         for result in ("accepted", "rejected", "duplicate"):
             self.triggers.labels(result=result)
 
+    _health_listeners: tuple[Any, ...] = ()  # camera, broker and outbox changes go to these too
+
+    def watch_health(self, listener: Any) -> None:
+        """Also hand camera_up, broker_connected and outbox_depth to listener (the station page's state)."""
+        self._health_listeners = (*self._health_listeners, listener)
+
     # Capture
     def camera_up(self, up: bool) -> None:
         self.camera_up_gauge.set(1 if up else 0)
+        for listener in self._health_listeners:
+            listener.camera_up(up)
 
     def camera_reconnect(self) -> None:
         self.camera_reconnects.inc()
@@ -193,6 +205,9 @@ class Metrics:
             }
         )
 
+    def device_fallback(self, fallback: bool) -> None:
+        self.device_fallback_gauge.set(1 if fallback else 0)
+
     def calibration(self, threshold: float, good_image_scores: Mapping[str, float] | None) -> None:
         """The threshold and the card's good-score quantiles (p50, p90, p99, max), as numbers alerts can compare."""
         self.threshold_gauge.set(threshold)
@@ -216,9 +231,13 @@ class Metrics:
 
     def broker_connected(self, connected: bool) -> None:
         self.broker_connected_gauge.set(1 if connected else 0)
+        for listener in self._health_listeners:
+            listener.broker_connected(connected)
 
     def outbox_depth(self, depth: int) -> None:
         self.outbox_depth_gauge.set(depth)
+        for listener in self._health_listeners:
+            listener.outbox_depth(depth)
 
     def outbox_bytes(self, n_bytes: int) -> None:
         self.outbox_bytes_gauge.set(n_bytes)

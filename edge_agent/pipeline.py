@@ -106,6 +106,7 @@ class Pipeline:
         self.model = model
         self.source = source
         self.publisher = publisher
+        self.state: Any = None  # state.StationState, set by the daemon when the station page is served
         self.metrics = metrics
         self.stop = stop
         self.watchdog = watchdog
@@ -458,6 +459,8 @@ class Pipeline:
             if self.triggered and self.pending.idle():
                 self.watchdog.idle_ok(True)
         self._retain(frame, verdict)
+        if self.state is not None:
+            self.state.verdict(verdict, heatmap, frame.image)
         if self.on_verdict is not None:
             self.on_verdict(verdict)
         return verdict

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_agent import artifact
+from edge_agent import artifact, gpu
 from edge_agent.anomaly_map import MapHead
 from edge_agent.errors import ConfigError, ModelError
 from edge_agent.patches import PatchGrid, to_tensor
@@ -37,7 +37,13 @@ def cpu_has_bf16() -> bool:
 
 def pick_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        expected = gpu.gpu_expected()
+        if expected:  # a station built for a GPU must not slow to CPU speed unnoticed
+            logger.warning("device auto: a GPU is expected here (%s) but CUDA is unavailable, scoring on the CPU: %s",
+                           expected, gpu.fallback_reason())
+        return torch.device("cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' requested but no CUDA GPU is available; use device = \"auto\" or \"cpu\"")
     if device not in ("cpu", "cuda"):
@@ -47,7 +53,8 @@ def pick_device(device: str) -> torch.device:
 
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        precision = gpu.auto_precision(device.type, capability, device.type == "cpu" and cpu_has_bf16())
     table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in table:
         raise ConfigError(f"precision {precision!r} is not one of auto, fp32, bf16, fp16")
@@ -72,7 +79,7 @@ def decode_ignore_mask(card: dict[str, Any]) -> np.ndarray | None:
     return mask
 
 
-WEIGHTED = ("Conv2d", "ConvTranspose2d", "Linear")
+WEIGHTED = ("Conv2d", "ConvTranspose2d", "Linear", "SubpixelConvTranspose2d")
 
 
 def reduced_precision(module: torch.jit.ScriptModule, dtype: torch.dtype) -> torch.jit.ScriptModule:
@@ -114,17 +121,22 @@ class _PixelMap(torch.nn.Module):
         return self.module.pixel_map(x)
 
 
-def optimise(module: torch.jit.ScriptModule, name: str | None, channels_last: bool = True):
+def optimise(module: torch.jit.ScriptModule, name: str | None, channels_last: bool = True, mkldnn: bool = False):
     """The loaded module's score `name` (None: its pixel_map) as a frozen TorchScript function of x (N, C, P, P).
 
-    Freezing inlines the weights and folds conv + BatchNorm; optimize_for_inference adds oneDNN
-    prepacked convolutions on CPU (fp32). The caller checks the result against the module itself.
+    Freezing inlines the weights and folds conv + BatchNorm. mkldnn: also optimize_for_inference (oneDNN
+    prepacked fp32 convolutions in oneDNN's blocked layout). Off by default: with channels-last aten
+    convolutions already run on oneDNN, and the conversions into and out of the blocked layout (to_mkldnn at
+    the output layer, to_dense around the sub-pixel shuffle) cost more than the prepacking saves, in fp32
+    and far more in bf16 (PERFORMANCE.md). The caller checks the result against the module itself.
     """
     chosen = _PixelMap(module) if name is None else _ChosenScore(module, name)
     wrapper = torch.jit.script(chosen).eval()
     if channels_last:
         wrapper = wrapper.to(memory_format=torch.channels_last)
     frozen = torch.jit.freeze(wrapper)
+    if not mkldnn:
+        return frozen
     try:
         return torch.jit.optimize_for_inference(frozen)
     except RuntimeError as e:  # some graphs (or dtypes) have no oneDNN rewrite; frozen alone still helps
@@ -158,14 +170,19 @@ class Scorer:
     """A loaded, verified, warmed-up model. Not thread-safe: one inference thread owns it."""
 
     def __init__(self, path: Path | str, device: str = "auto", precision: str = "fp32",
-                 score_name: str | None = None, batch_size: int = 512, threshold: float | None = None,
+                 score_name: str | None = None, batch_size: int = 64, threshold: float | None = None,
                  warmup: bool = True, fast: bool = True, channels_last: bool = True, cuda_graphs: bool = True,
-                 threads: int | None = None):
+                 threads: int | None = None, mkldnn: bool = False):
         if threads is not None:
             torch.set_num_threads(threads)  # process-wide: the scorer is the process's one compute user
         self.path = Path(path)
         self.device = pick_device(device)
+        # "auto" found no GPU where one was expected: the daemon reports it (log, metric, status)
+        self.device_fallback = (gpu.fallback_reason() if device == "auto" and self.device.type == "cpu"
+                                and gpu.gpu_expected() else None)
         self.dtype = pick_dtype(precision, self.device)
+        if self.device.type == "cuda":
+            gpu.set_tf32_policy(self.dtype)
         module, card = artifact.load(self.path, map_location=str(self.device))
         self.card: dict[str, Any] = card
         names = card["scores"]["names"]
@@ -198,8 +215,9 @@ class Scorer:
         self.module = module
         self.batch_size = batch_size
         self.channels_last = channels_last
+        self.mkldnn = mkldnn
         self.fast = None  # the chosen score, frozen; None = the module's own score()
-        self._cuda: _CudaRunner | None = None
+        self._cuda: gpu.CudaRunner | None = None
         self.patch_size = int(card["patch"]["size"])
         self.stride = int(card["patch"]["stride"])
         self.cover_edges = bool(card["patch"].get("cover_edges", True))
@@ -209,6 +227,7 @@ class Scorer:
         self._counted: dict[tuple[int, int], np.ndarray | None] = {}
         if self.dtype != torch.float32:
             self._probe_reduced()
+        self._check_calibrated_precision()
         if fast and not self.needs_grad:  # a latent search by autograd (AnoGAN) is not frozen
             self._use_fast_path(cuda_graphs)
         if warmup:
@@ -237,6 +256,24 @@ class Scorer:
             self._counted[key] = grid.counted(self.ignore_mask)
         return self._counted[key]
 
+    @property
+    def precision(self) -> str:
+        """fp32 / bf16 / fp16: what the scores are computed in (TF32 is off on GPUs, see gpu.set_tf32_policy)."""
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def scored_with(self) -> dict[str, str]:
+        """What calibration records next to a threshold, so the station can check it scores the same way."""
+        return {"precision": self.precision, "device": self.device.type}
+
+    def _check_calibrated_precision(self) -> None:
+        entry = self.card.get("thresholds", {}).get(self.score_name) or {}
+        calibrated = (entry.get("scored_with") or {}).get("precision")
+        if calibrated and calibrated != self.precision:
+            logger.warning("model %s: the threshold for %s was calibrated in %s but this scorer runs %s; scores "
+                           "differ by rounding near the threshold: recalibrate with --precision %s or set "
+                           "model.precision = \"%s\"", self.path.name, self.score_name, calibrated, self.precision,
+                           self.precision, calibrated)
+
     def _probe_reduced(self) -> None:
         x = torch.rand(2, self.channels, self.patch_size, self.patch_size, device=self.device)
         try:
@@ -252,7 +289,7 @@ class Scorer:
         """Freeze the chosen score; keep it only if it scores like the module itself (else log and stay eager)."""
         probe = torch.rand(4, self.channels, self.patch_size, self.patch_size)
         try:
-            fast = optimise(self.module, None if self.uses_map() else self.score_name, self.channels_last)
+            fast = optimise(self.module, None if self.uses_map() else self.score_name, self.channels_last, self.mkldnn)
             with torch.inference_mode():
                 x = self._layout(probe.to(self.device))
                 want = self._module_fn(self.score_name)(x).float()
@@ -271,8 +308,8 @@ class Scorer:
         self.fast = fast
         if self.device.type == "cuda":
             out_item = (self.patch_size, self.patch_size) if self.uses_map() else ()
-            self._cuda = _CudaRunner(fast, self.batch_size, (self.channels, self.patch_size, self.patch_size),
-                                     self.dtype, self.channels_last, cuda_graphs, out_item)
+            self._cuda = gpu.CudaRunner(fast, self.batch_size, (self.channels, self.patch_size, self.patch_size),
+                                        self.dtype, self.channels_last, cuda_graphs, out_item)
 
     def uses_map(self, name: str | None = None) -> bool:
         """True when score `name` (default: the chosen one) comes from the anomaly-map head."""
@@ -374,81 +411,3 @@ class Scorer:
     def score_image(self, image: np.ndarray, name: str | None = None) -> FrameScores:
         grid, patches = self.patches(image)
         return FrameScores(grid, self.score_frame(grid, patches, name))
-
-
-class _CudaRunner:
-    """CUDA: patches go through a pinned staging buffer, are uploaded on a side stream while the
-    previous batch computes, and each full batch replays a captured CUDA graph (fixed shapes).
-
-    Not measured in this project's CI (no GPU); tests with the `gpu` marker run it where CUDA exists.
-    """
-
-    def __init__(self, fn, batch_size: int, item_shape: tuple[int, int, int], dtype: torch.dtype,
-                 channels_last: bool, graphs: bool, out_item: tuple[int, ...] = ()):
-        self.fn = fn
-        self.out_item = out_item  # () for scores, (P, P) for pixel maps
-        self.batch_size = batch_size
-        self.dtype = dtype
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        shape = (batch_size, *item_shape)
-        # Two pinned host buffers and two device buffers: batch i+1 uploads while batch i computes.
-        self.host = [torch.empty(shape, dtype=torch.float32).pin_memory() for _ in range(2)]
-        # float32 on the device too: the model casts to its own dtype and the score needs exact pixels.
-        self.dev = [torch.empty(shape, device="cuda").contiguous(memory_format=self.memory_format)
-                    for _ in range(2)]
-        self.upload = torch.cuda.Stream()
-        self.results: dict[int, torch.Tensor] = {}
-        self.graphs: list[torch.cuda.CUDAGraph] | None = None
-        self.graph_out: list[torch.Tensor] = []
-        if graphs:
-            try:
-                self._capture()
-            except Exception as e:  # graphs are an optimisation; eager CUDA still works
-                logger.warning("CUDA graph capture failed (%s); running without graphs", e)
-                self.graphs = None
-
-    def _capture(self) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.inference_mode():
-            for buf in self.dev:  # the profiling executor settles on a graph after a few runs
-                for _ in range(3):
-                    self.fn(buf)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graphs, self.graph_out = [], []
-        for buf in self.dev:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g), torch.inference_mode():
-                out = self.fn(buf).float()
-            self.graphs.append(g)
-            self.graph_out.append(out)
-
-    @torch.inference_mode()
-    def score(self, patches: torch.Tensor) -> np.ndarray:
-        """(N, C, P, P) float32 on the host -> (N,) (or (N, P, P)) float32 tensor; one synchronisation per call."""
-        n = patches.shape[0]
-        if n not in self.results:  # pinned allocation is slow; a station sees one frame size
-            self.results[n] = torch.empty((n, *self.out_item), dtype=torch.float32).pin_memory()
-        result = self.results[n]
-        compute = torch.cuda.current_stream()
-        done = [torch.cuda.Event(), torch.cuda.Event()]
-        for i, start in enumerate(range(0, n, self.batch_size)):
-            end = min(start + self.batch_size, n)
-            k = i % 2
-            host, dev = self.host[k], self.dev[k]
-            done[k].synchronize()  # batch i-2 has finished with these buffers (its upload, compute, download)
-            host[: end - start].copy_(patches[start:end])
-            if end - start < self.batch_size:
-                host[end - start :].zero_()  # fixed graph shape: pad, then ignore the padded scores
-            with torch.cuda.stream(self.upload):
-                dev.copy_(host, non_blocking=True)
-            compute.wait_stream(self.upload)
-            if self.graphs is not None:
-                self.graphs[k].replay()
-                out = self.graph_out[k]
-            else:
-                out = self.fn(dev).float()
-            result[start:end].copy_(out[: end - start], non_blocking=True)
-            done[k].record(compute)
-        compute.synchronize()
-        return result.clone()  # the pinned buffer is reused by the next call

@@ -10,6 +10,8 @@ have mosquitto || want+=(mosquitto)
 have mosquitto_sub || want+=(mosquitto-clients)
 have promtool || want+=(prometheus)
 have ffmpeg || want+=(ffmpeg)
+# The station page's browser test drives a real headless chromium; skipped without it.
+have chromium || want+=(chromium)
 if [ ${#want[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "install.sh: apt-get install ${want[*]}" >&2

@@ -239,3 +239,17 @@ def test_too_few_images_fall_back_to_the_training_maximum(vae_model):
     entry = card["thresholds"][card["scores"]["default"]]
     assert card["training"]["holdout"]["images"] == 0
     assert entry["method"] == "max-train" and entry["images"] == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_map_head_on_cuda_matches_cpu(held_out_model):
+    from edge_agent.scoring import Scorer
+    from edge_agent.synth import make_part
+
+    _, model = held_out_model
+    image = make_part(98, "debris", size=64).image
+    cpu = Scorer(model, device="cpu")
+    cuda = Scorer(model, device="cuda", precision="fp32", batch_size=5)  # 9 patches: the last graph batch is padded
+    grid, patches = cpu.patches(image)
+    np.testing.assert_allclose(cuda.score_frame(grid, patches), cpu.score_frame(grid, patches), rtol=1e-3, atol=1e-3)

@@ -19,13 +19,35 @@ def test_bench_tiny_json(tmp_path):
     r = json.loads(result.stdout)
     for key in ("matmul_gflops", "scorer_gflops", "scorer_fraction_of_matmul", "bf16_speedup",
                 "bf16_max_rel_score_error", "bf16_verdicts_identical", "pipeline_frames_per_s",
-                "pipeline_efficiency", "latency_p50_s", "latency_p99_s", "rss_growth_mb", "device", "torch",
+                "pipeline_efficiency", "page_polled_frames_per_s", "page_overhead", "latency_p50_s", "latency_p99_s", "rss_growth_mb", "device", "torch",
                 "threads", "load_average"):
         assert key in r, key
     assert set(r["scorer_patches_per_s"]) == {"fp32", "bf16"}
+    assert r["page_polled_frames_per_s"] > 0 and isinstance(r["page_polls"], int)
+    assert r["page_hook_us_per_verdict"] > 0 and r["page_server_cpu_ms_per_poll"] >= 0
     assert r["patches_per_frame"] == 49 and r["pipeline_frames"] == 3 and r["latency_frames"] == 2
     assert r["bf16_max_rel_score_error"] < 1e-2
     assert r["bf16_verdicts_identical"] is True
+    # the reference is the best of several GEMM shapes and thread counts, per precision
+    limit = r["matmul_limit"]
+    assert len(limit["shapes"]) >= 3 and 1 in limit["thread_counts"]
+    assert limit["fp32"]["gflops"] == r["matmul_gflops"] and limit["bf16"]["gflops"] == r["matmul_bf16_gflops"]
+    assert r["fp32_fraction_of_fp32_matmul"] == pytest.approx(r["scorer_gflops"] / r["matmul_gflops"])
+    assert r["bf16_fraction_of_bf16_matmul"] == pytest.approx(r["bf16_gflops"] / r["matmul_bf16_gflops"])
+    assert set(r["per_core"]["fraction_of_own_matmul"]) == {"fp32", "bf16"}
+    t = r["training"]
+    for precision in ("fp32", "bf16"):
+        assert t[precision]["crops_per_s"] == pytest.approx(t["batch_size"] * t[precision]["steps_per_s"])
+        assert 0 < t[precision]["sampling_share_of_step"]
+    assert t["sampling_crops_per_s"] > 0
+
+
+def test_train_step_flops_are_three_forwards_less_the_first_input_gradient():
+    from edge_agent.train.throughput import step_flops
+
+    forward = vae_flops_per_patch(1, 96, 32, 100)
+    first_conv = 2 * 48**2 * 32 * 1 * 16
+    assert step_flops(1, 96, 32, 100, 64) == 64 * (3 * forward - first_conv)
 
 
 def test_bench_rejects_bad_device():
@@ -66,16 +88,17 @@ def _station_patches(scorer, station, n=4):
 @pytest.mark.parametrize("family", ["vae_model", "ae_model"])
 def test_fast_path_scores_like_the_module(family, station, request):
     model = request.getfixturevalue(family)
-    fast = Scorer(model, device="cpu", batch_size=7, warmup=False)
-    eager = Scorer(model, device="cpu", batch_size=7, warmup=False, fast=False, channels_last=False)
+    raw = {"vae_model": "m", "ae_model": "l2"}[family]  # a patch score; the map score's fast path: test_anomaly_map
+    fast = Scorer(model, device="cpu", batch_size=7, warmup=False, score_name=raw)
+    eager = Scorer(model, device="cpu", batch_size=7, warmup=False, fast=False, channels_last=False, score_name=raw)
     assert fast.fast is not None and eager.fast is None
     x = _station_patches(fast, station)
     np.testing.assert_allclose(fast.score_patches(x), eager.score_patches(x), rtol=1e-4, atol=1e-6)
 
 
 def test_bf16_matches_fp32_on_a_trained_model(vae_model, station):
-    fp32 = Scorer(vae_model, device="cpu", precision="fp32", warmup=False)
-    bf16 = Scorer(vae_model, device="cpu", precision="bf16", warmup=False)
+    fp32 = Scorer(vae_model, device="cpu", precision="fp32", warmup=False, score_name="m")
+    bf16 = Scorer(vae_model, device="cpu", precision="bf16", warmup=False, score_name="m")
     x = _station_patches(fp32, station)
     a, b = fp32.score_patches(x).astype(np.float64), bf16.score_patches(x)
     assert np.max(np.abs(b - a) / np.abs(a)) < 1e-2
@@ -104,9 +127,9 @@ def test_station_frame_is_a_station_image():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_cuda_fast_path_matches_cpu(vae_model, station, precision):
-    cpu = Scorer(vae_model, device="cpu", warmup=False)
+    cpu = Scorer(vae_model, device="cpu", warmup=False, score_name="m")
     # batch 5 does not divide the patch count: the last CUDA-graph batch is padded.
-    gpu = Scorer(vae_model, device="cuda", precision=precision, batch_size=5)
+    gpu = Scorer(vae_model, device="cuda", precision=precision, batch_size=5, score_name="m")
     assert gpu._cuda is not None
     x = _station_patches(cpu, station, n=2)
     tol = 1e-3 if precision == "fp32" else 1e-2

@@ -361,7 +361,7 @@ def test_calibrate_and_train_record_the_low_bound_and_the_daemon_reads_it(capsys
     code, out, _ = run_cli(capsys, "calibrate", model, "--good", station / "calib/good", "-q")
     assert code == 0 and "low bound" in out
     entry = artifact.verify(model)["thresholds"]["m"]
-    assert entry["low"]["value"] < entry["good_image_scores"]["min"]
+    assert entry["low"]["value"] < entry["low"]["min"] and entry["low"]["n_good"] == entry["n_good"]
     assert Scorer(model, device="cpu", warmup=False).low == entry["low"]["value"]
 
 

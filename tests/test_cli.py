@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent import artifact
 from edge_agent.cli import main
 
 
@@ -62,7 +63,7 @@ def test_evaluate_report(capsys, vae_model, ae_model, station, tmp_path):
     report = json.loads((tmp_path / "r/report.json").read_text())
     assert [m["family"] for m in report["models"]] == ["vae", "ae"]
     vae = report["models"][0]["scores"]
-    assert set(vae) == {"m", "elbo", "d", "a"}
+    assert set(vae) == {"m", "elbo", "d", "a", "m_map"}
     assert 0 <= vae["m"]["image_auroc"] <= 1 and 0 <= vae["m"]["pixel_auroc"] <= 1
     assert (tmp_path / "r/roc.png").stat().st_size > 1000 and (tmp_path / "r/histograms.png").exists()
     assert "image AUROC" in out
@@ -162,7 +163,7 @@ def test_score_json_never_prints_nan(capsys, tmp_path, vae_model, station):
     from tests.daemon_helpers import planted_model
 
     nan_model = planted_model(vae_model, tmp_path / "nan.pt", nan=True)
-    code, out, _ = run(capsys, "score", nan_model, station / "test/good/0000.png", "--json")
+    code, out, _ = run(capsys, "score", nan_model, station / "test/good/0000.png", "--json", "--score", "m")
     assert code == 1
 
     def refuse(constant):
@@ -188,7 +189,7 @@ def test_score_and_evaluate_with_the_station_config_judge_as_the_station(capsys,
     assert (row["score_name"], row["threshold"]) == ("elbo", 12345.5), err
     assert row["worst_patch"]["x"] + row["worst_patch"]["w"] <= 64 + 16, "the station's mask: right half ignored"
     code, plain, _ = run(capsys, "score", vae_model, image, "--json")
-    assert json.loads(plain)["score_name"] == "m"
+    assert json.loads(plain)["score_name"] == artifact.verify(vae_model)["scores"]["default"] != "elbo"
     code, out, err = run(capsys, "evaluate", "--config", config, "--good", station / "test/good", "--defect",
                          station / "test/defect", "--report", tmp_path / "r", "-q")
     assert code == 0, err

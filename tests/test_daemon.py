@@ -49,7 +49,7 @@ def station_video(path: Path, n: int, defective: set[int] = frozenset()) -> Path
 
 
 def write_config(tmp_path: Path, model: Path, video: Path, broker_port: int, *, metrics_port: int = 0,
-                 protocol: str = "3.1.1", mode: str = "free-run", loop: bool = False, fps: float | None = None) -> Path:
+                 web_port: int = 0, protocol: str = "3.1.1", mode: str = "free-run", loop: bool = False, fps: float | None = None) -> Path:
     fps_line = f"fps = {fps}" if fps else ""
     text = f"""
 [station]
@@ -73,6 +73,8 @@ protocol = "{protocol}"
 dir = "{tmp_path / 'outbox'}"
 [metrics]
 port = {metrics_port}
+[web]
+port = {web_port}
 [retention]
 enabled = true
 dir = "{tmp_path / 'retention'}"

@@ -354,7 +354,7 @@ def test_installed_daemon_runs_the_installed_config_against_a_real_broker(tmp_pa
                      ("port = 1883", f"port = {mosquitto.port}"), ('username = ""', 'username = "st1"'),
                      ("# password_file = (unset by default)",
                       'password_file = "${CREDENTIALS_DIRECTORY}/mqtt-password"'),
-                     ('device = "auto"', 'device = "cpu"'), ("port = 9108", "port = 0"),
+                     ('device = "auto"', 'device = "cpu"'), ("port = 9108", "port = 0"), ("port = 8108", "port = 0"),
                      ('dir = "/var/lib/edge-agent/outbox"', f'dir = "{root}/var/lib/edge-agent/outbox"'),
                      ('dir = "/var/lib/edge-agent/retention"', f'dir = "{root}/var/lib/edge-agent/retention"'),
                      ("# threshold = (unset by default)", f"threshold = {THRESHOLD}")):

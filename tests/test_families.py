@@ -112,10 +112,10 @@ def test_anogan_scores_are_consistent(tiny_anogan):
 
 
 @pytest.mark.parametrize("family,options,default,architecture", [
-    ("gmm", ["--nh", "8", "--components", "3", "--reg-covar", "1e-3", "--crops-per-image", "50"], "m",
+    ("gmm", ["--nh", "8", "--components", "3", "--reg-covar", "1e-3", "--crops-per-image", "50"], "m_map",
      {"nh": 8, "components": 3, "reg_covar": 1e-3}),
     ("anogan", ["--nc", "4", "--nz", "4", "--batch-size", "16", "--max-minutes", "0.005", "--gamma-steps", "3",
-                "--refine-steps", "2", "--lambda", "0.25", "--threshold-images", "4"], "encoder_refine",
+                "--refine-steps", "2", "--lambda", "0.25", "--threshold-images", "4"], "encoder_refine_map",
      {"gamma_steps": 3, "refine_steps": 2, "lambda": 0.25, "latent_search": "encoder+refine"}),
 ])
 def test_family_trains_exports_and_scores_through_the_cli(capsys, station, tmp_path, family, options, default,
@@ -135,7 +135,7 @@ def test_family_trains_exports_and_scores_through_the_cli(capsys, station, tmp_p
     scorer = Scorer(out, device="cpu", precision="bf16", warmup=False)
     assert scorer.dtype == torch.float32, "the card's fp32 must win over a bf16 request"
     grid, patches = scorer.patches(np.full((128, 128), 128, np.uint8))
-    assert scorer.score_patches(patches).shape == (grid.count,)
+    assert scorer.score_frame(grid, patches).shape == (grid.count,)
 
     code, stdout, err = run(capsys, "score", out, station / "test/defect", "--json", "--device", "cpu")
     assert code == 0, err

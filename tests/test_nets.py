@@ -86,3 +86,77 @@ def test_ssim_of_identical_patches_is_zero():
     ae = AE(1, 16, 4, 3).eval()
     x = torch.rand(2, 1, 16, 16)
     assert torch.allclose(1 - ae.ssim_map(x, x).flatten(1).mean(1), torch.zeros(2), atol=1e-6)
+
+
+def _randomise_batchnorm(model):
+    """Trained-like BatchNorm statistics, so folding and the rewrite are tested on more than identity BNs."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 2 - 1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("h, w, output_padding", [(3, 3, 0), (3, 3, 1), (6, 6, 0), (7, 7, 1), (5, 8, 0), (4, 9, 1)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_subpixel_conv_equals_the_transposed_conv(h, w, output_padding, channels_last, bias):
+    from edge_agent.train.nets import SubpixelConvTranspose2d
+
+    torch.manual_seed(h * 10 + w)
+    deconv = torch.nn.ConvTranspose2d(5, 3, 4, 2, 1, output_padding=output_padding, bias=bias).double()
+    x = torch.randn(2, 5, h, w, dtype=torch.double)
+    sub = SubpixelConvTranspose2d.from_transposed(deconv)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    with torch.no_grad():
+        want = deconv(x)
+        got = sub(x.contiguous(memory_format=fmt))
+        relu = SubpixelConvTranspose2d.from_transposed(deconv, relu=True)(x)
+    assert got.shape == want.shape == (2, 3, 2 * h + output_padding, 2 * w + output_padding)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)  # float64: exact up to rounding
+    torch.testing.assert_close(relu, torch.relu(want), rtol=1e-12, atol=1e-12)
+
+
+def test_subpixel_zero_border_hand_off_equals_cropping():
+    from edge_agent.train.nets import SubpixelConvTranspose2d
+
+    torch.manual_seed(0)
+    first = torch.nn.ConvTranspose2d(6, 4, 4, 2, 1).double()
+    second = torch.nn.ConvTranspose2d(4, 2, 4, 2, 1).double()
+    x = torch.randn(3, 6, 5, 5, dtype=torch.double)
+    a = SubpixelConvTranspose2d.from_transposed(first, relu=True, pad_out=True)
+    b = SubpixelConvTranspose2d.from_transposed(second, pad_in=True)
+    with torch.no_grad():
+        torch.testing.assert_close(b(a(x)), second(torch.relu(first(x))), rtol=1e-12, atol=1e-12)
+
+
+def test_subpixel_rejects_other_geometry():
+    from edge_agent.train.nets import SubpixelConvTranspose2d
+
+    with pytest.raises(ValueError, match="k=4, s=2, p=1"):
+        SubpixelConvTranspose2d.from_transposed(torch.nn.ConvTranspose2d(2, 2, 3, 2, 1))
+
+
+@pytest.mark.parametrize("which", ["output", "all"])
+@pytest.mark.parametrize("p", [16, 28, 32, 33, 96])
+@pytest.mark.parametrize("family", [VAE, AE])
+def test_export_rewrites_score_like_the_original(family, p, which):
+    from edge_agent.train.nets import SubpixelConvTranspose2d, fold_decoder_batchnorm, subpixel_decoder
+
+    torch.manual_seed(p)
+    model = _randomise_batchnorm(family(1, p, 4, 3))
+    rewritten = subpixel_decoder(fold_decoder_batchnorm(model), which)
+    subs = [m for m in rewritten.decoder.deconv if isinstance(m, SubpixelConvTranspose2d)]
+    deconvs = [m for m in model.decoder.deconv if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert len(subs) == (1 if which == "output" else len(deconvs))
+    scripted = torch.jit.script(rewritten)
+    x = torch.rand(4, 1, p, p)
+    with torch.no_grad():
+        for name in model.score_names:
+            want = model.score(x, name)
+            got = scripted.score(x.contiguous(memory_format=torch.channels_last), name)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # float32 rounding only
+        torch.testing.assert_close(scripted.pixel_map(x), model.pixel_map(x), rtol=1e-4, atol=1e-5)

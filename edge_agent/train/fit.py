@@ -25,7 +25,8 @@ from edge_agent.images import file_hashes, fingerprint, list_images, read_image
 from edge_agent.patches import MIN_PATCH_SIZE, to_tensor
 from edge_agent.progress import Progress
 from edge_agent.scoring import cpu_has_bf16, pick_device
-from edge_agent.train.nets import AE, VAE, ConvDecoder, fold_decoder_batchnorm
+from edge_agent.train import distributed
+from edge_agent.train.nets import AE, VAE, ConvDecoder, fold_decoder_batchnorm, subpixel_decoder
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class TrainOptions:
     # Good images held out of training: the initial threshold (FRR method) and the anomaly map's statistics.
     holdout: float = 0.2
     anomaly_map: bool = True  # add the anomaly-map score (anomaly_map.py) and make it the default
-    blur_sigma: float | None = None  # px; None: patch_size / 16
+    blur_sigma: float | None = None  # px; None: patch_size / 32 (measured: more blur buries thin scratches)
     position_stats: bool = True  # normalize the map by what good parts show at each place (fixtured parts)
     target_frr: float = 0.01
     confidence: float = 0.95
@@ -182,6 +183,8 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
         raise DataError(f"unknown model family {opts.model!r}; choose one of: {', '.join(FAMILIES)}")
     if not 0 <= opts.holdout < 1:
         raise DataError(f"--holdout {opts.holdout} must be a share in [0, 1) (e.g. 0.2)")
+    world = distributed.init(opts.device)  # torchrun: one process per device; otherwise a single process
+    distributed.check(world, opts.model, opts.batch_size)
     torch.manual_seed(opts.seed)
     all_files, all_images = load_good_images(data_dir, opts.channels, opts.patch_size)
     keep, held = split_holdout(len(all_files), opts.holdout)
@@ -191,10 +194,12 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
         logger.warning("%d good images are too few to hold out %d (>= %d needed); the initial threshold is the "
                        "highest score over the training images (seeds/003): calibrate on more good parts",
                        len(all_files), int(round(len(all_files) * opts.holdout)), MIN_HOLDOUT)
-    device = pick_device(opts.device)
+    device = distributed.place(world, pick_device(opts.device))
     use_bf16 = opts.model in ("vae", "ae") and (opts.precision == "bf16" or (
         opts.precision == "auto" and (device.type == "cuda" or cpu_has_bf16())))
-    sampler = CropSampler(images, opts.patch_size, opts.seed)
+    sampler = CropSampler(images, opts.patch_size, distributed.rank_seed(opts.seed, world))
+    if world.size > 1:
+        sampler = distributed.ShardedSampler(sampler, world)
     val_sampler = CropSampler([all_images[i] for i in held], opts.patch_size, opts.seed + 1) if held else None
 
     h, w = images[0].shape[1:]
@@ -211,7 +216,7 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
     else:
         model = build_model(opts).to(device)
         training = _fit_gradient(model, sampler, val_sampler, device, use_bf16, total_steps, steps_per_epoch,
-                                 budget_s, opts, planned_by)
+                                 budget_s, opts, planned_by, world)
     seconds = time.monotonic() - t0
 
     training = {
@@ -221,14 +226,21 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
                     "rule": "every k-th image of the sorted folder, evenly spaced; never trained on"},
         **training,
         "seconds": round(seconds, 1), "seed": opts.seed, "device": str(device),
-        "autocast": "bf16" if use_bf16 else "fp32",
+        "autocast": "bf16" if use_bf16 else "fp32", "processes": world.size,
     }
     head = None
     if opts.anomaly_map:
-        sigma = opts.blur_sigma if opts.blur_sigma is not None else opts.patch_size / 16
+        sigma = opts.blur_sigma if opts.blur_sigma is not None else opts.patch_size / 32
         head = {"name": f"{model.default_score}_map", "blur_sigma_px": float(sigma), "position": None}
+    if not world.main:  # rank 0 exports and sets the threshold; the others return its card
+        distributed.barrier(world)
+        distributed.finish(world)
+        return artifact.verify(out)
     export(model, opts, out, int(h), int(w), training, head=head)
-    return set_initial_thresholds(out, held_files or files, opts, seconds, trained_on=not held_files)
+    card = set_initial_thresholds(out, held_files or files, opts, seconds, trained_on=not held_files)
+    distributed.barrier(world)
+    distributed.finish(world)
+    return card
 
 
 def export(model: nn.Module, opts: TrainOptions, out: Path, frame_h: int, frame_w: int,
@@ -238,7 +250,7 @@ def export(model: nn.Module, opts: TrainOptions, out: Path, frame_h: int, frame_
     way an artifact is made."""
     model.eval().cpu()
     if isinstance(getattr(model, "decoder", None), ConvDecoder):
-        model = fold_decoder_batchnorm(model)
+        model = subpixel_decoder(fold_decoder_batchnorm(model))  # the output deconv as a conv (PERFORMANCE.md)
     scripted = torch.jit.script(model)
     scores: dict[str, Any] = {"names": list(model.score_names), "default": model.default_score, "pixel_map": True,
                               "higher_is_anomalous": True}
@@ -313,19 +325,21 @@ def heldout_loss(model: nn.Module, crops: torch.Tensor, batch_size: int = 128) -
 
 def _fit_gradient(model: nn.Module, sampler: CropSampler, val_sampler: CropSampler | None, device: torch.device,
                   use_bf16: bool, total_steps: int, steps_per_epoch: int, budget_s: float, opts: TrainOptions,
-                  planned_by: str = "epochs") -> dict[str, Any]:
+                  planned_by: str = "epochs", world: distributed.World = distributed.SINGLE) -> dict[str, Any]:
     """The VAE/AE Adam loop with a cosine learning rate over the budget (steps or time, whichever ends first)
     and an early stop when the held-out loss stops improving; returns the card's training summary."""
     optim = torch.optim.Adam(model.parameters(), lr=opts.lr, betas=(0.9, 0.999), weight_decay=opts.weight_decay)
+    train_loss = distributed.loss_step(model, loss_fn, world, opts.seed)
     model.train()
     val = val_sampler.sample(512).to(device) if val_sampler is not None else None
     check_every = max(50, total_steps // 40)
     best, best_step, checks_since_best, history = math.inf, 0, 0, []
     t0 = time.monotonic()
     step, ema, stopped_by = 0, None, planned_by
-    with Progress(total_steps, "train", enabled=opts.progress) as bar:
+    with Progress(total_steps, "train", enabled=opts.progress and world.main) as bar:
         while step < total_steps:
-            elapsed = time.monotonic() - t0
+            # every process uses the slowest one's clock: the same learning rate and the same stop step
+            elapsed = distributed.agreed_max(world, time.monotonic() - t0)
             if elapsed >= budget_s:
                 stopped_by = "time budget"
                 break
@@ -334,7 +348,7 @@ def _fit_gradient(model: nn.Module, sampler: CropSampler, val_sampler: CropSampl
                 group["lr"] = opts.lr * lr_factor(progress, opts.lr_schedule, opts.lr_floor)
             x = sampler.sample(opts.batch_size).to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = loss_fn(model, x)
+                loss = train_loss(x)
             if not torch.isfinite(loss):
                 raise DataError(f"training diverged at step {step} (loss {loss.item()}); lower --lr or check the images")
             optim.zero_grad(set_to_none=True)
@@ -351,7 +365,8 @@ def _fit_gradient(model: nn.Module, sampler: CropSampler, val_sampler: CropSampl
                     best, best_step, checks_since_best = v, step, 0
                 else:
                     checks_since_best += 1
-                if opts.early_stop and checks_since_best >= opts.patience and step >= min(opts.min_steps, total_steps):
+                if distributed.any_rank(world, opts.early_stop and checks_since_best >= opts.patience
+                                        and step >= min(opts.min_steps, total_steps)):
                     stopped_by = f"converged (held-out loss flat for {opts.patience} checks)"
                     bar.update(0, loss=ema, heldout=v)
                     break
@@ -448,7 +463,7 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
     smooth: list[torch.Tensor] = []
     grids: list[Any] = []
     used: list[Path] = []
-    with Progress(len(files), "threshold", enabled=opts.progress) as bar, torch.inference_mode():
+    with Progress(len(files), "threshold", enabled=opts.progress) as bar:
         for i, f in enumerate(files):
             done = len(position_files) + len(used)
             if done >= MIN_HOLDOUT and time.monotonic() - t0 > budget_s:

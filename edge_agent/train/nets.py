@@ -129,7 +129,8 @@ class VAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """z (N, Nz) -> (mu_x, sigma_x), each (N,C,P,P) float32; sigma_x >= sigma_min."""
-        out = self.decoder(z).float()
+        # contiguous: channel slices of a channels-last map are strided, and the elementwise ops on them slow
+        out = self.decoder(z).float().contiguous()
         mu = torch.sigmoid(out[:, : self.channels])
         sigma = self.sigma_min + F.softplus(out[:, self.channels :])
         return mu, sigma
@@ -273,4 +274,111 @@ def fold_decoder_batchnorm(model: nn.Module) -> nn.Module:
         fc.bias.mul_(scale).add_(shift)
         layers[0] = nn.Identity()
     decoder.deconv = Layers(*layers)
+    return model
+
+
+
+class SubpixelConvTranspose2d(nn.Conv2d):
+    """A ConvTranspose2d(k=4, s=2, p=1, output_padding 0/1) computed as one Conv2d + a pixel shuffle (exact).
+
+    With u = o + 1, outputs o = 2t - 1 and o = 2t (t = 0..H) both read inputs t - 1 and t: a 2x2 conv
+    over the input zero-padded by 1 gives, for every t, the four sub-pixel phases (by, bx) as 4 x c_out
+    channels ordered (by, bx, c); the shuffle interleaves them to 2H + 2 and the crop [1 : 1 + out]
+    drops the border phases outside the transposed conv's output. It is a plain convolution, so oneDNN
+    runs it like the encoder's (the transposed conv is its slow path). Cost: (H+1)^2/H^2 of the
+    deconv's multiply-adds (x1.78 at H=3, x1.04 at H=48).
+
+    relu: the ReLU that followed the layer, applied before the shuffle (they commute), so it can fuse
+    with the conv. pad_out: instead of cropping, zero the 1-pixel border and hand the next layer its
+    input already zero-padded (pad_in there: conv padding 0), which saves a copy per layer.
+    In channels-last memory the (by, bx, c) order makes the shuffle move runs of c values.
+    """
+
+    out_pad: Final[int]
+    relu: Final[bool]
+    pad_out: Final[bool]
+
+    def __init__(self, in_channels: int, out_channels: int, output_padding: int = 0, bias: bool = True,
+                 relu: bool = False, pad_in: bool = False, pad_out: bool = False):
+        super().__init__(in_channels, 4 * out_channels, 2, 1, 0 if pad_in else 1, bias=bias)
+        if pad_out and output_padding:
+            raise ValueError("pad_out needs output_padding 0: the zero border is the next layer's padding")
+        self.out_pad = output_padding
+        self.relu = relu
+        self.pad_out = pad_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._conv_forward(x, self.weight, self.bias)
+        if self.relu:
+            y = torch.relu(y)
+        n, c4, h, w = y.shape
+        c = c4 // 4
+        y = y.permute(0, 2, 3, 1).reshape(n, h, w, 2, 2, c).permute(0, 1, 3, 2, 4, 5)
+        y = y.reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
+        if self.pad_out:
+            y[:, :, 0] = 0.0
+            y[:, :, -1] = 0.0
+            y[:, :, :, 0] = 0.0
+            y[:, :, :, -1] = 0.0
+            return y
+        return y[:, :, 1 : 2 * h - 1 + self.out_pad, 1 : 2 * w - 1 + self.out_pad]
+
+    @staticmethod
+    @torch.no_grad()
+    def from_transposed(layer: nn.ConvTranspose2d, relu: bool = False, pad_in: bool = False,
+                        pad_out: bool = False) -> "SubpixelConvTranspose2d":
+        """The same map as `layer` (kernel 4, stride 2, padding 1, square output_padding 0 or 1)."""
+        if (layer.kernel_size, layer.stride, layer.padding, layer.groups, layer.dilation) != ((4, 4), (2, 2), (1, 1), 1,
+                                                                                             (1, 1)):
+            raise ValueError(f"only ConvTranspose2d(k=4, s=2, p=1) has this rewrite, not {layer}")
+        op = layer.output_padding
+        if op[0] != op[1]:
+            raise ValueError(f"output_padding must be square, not {op}")
+        c_in, c_out = layer.in_channels, layer.out_channels
+        conv = SubpixelConvTranspose2d(c_in, c_out, op[0], layer.bias is not None, relu, pad_in, pad_out)
+        conv = conv.to(layer.weight.dtype)
+        # Output u = 2t + b (before the crop) takes input t - 1 at conv tap 0 and t at tap 1, through kernel
+        # index k = u - 2i (o = 2i - 1 + k): tap 0 -> k = b + 2, tap 1 -> k = b.
+        taps = torch.tensor([[2, 0], [3, 1]])  # taps[b, tap] = k
+        w = layer.weight[:, :, taps[:, None, :, None], taps[None, :, None, :]]  # (c_in, c_out, by, bx, ty, tx)
+        conv.weight.copy_(w.permute(2, 3, 1, 0, 4, 5).reshape(4 * c_out, c_in, 2, 2))
+        if layer.bias is not None:
+            conv.bias.copy_(layer.bias.repeat(4))
+        return conv
+
+
+@torch.no_grad()
+def subpixel_decoder(model: nn.Module, which: str = "output") -> nn.Module:
+    """A copy whose decoder ConvTranspose2d layers (which: "output" = the last one, "all") are
+    SubpixelConvTranspose2d: same scores up to rounding.
+
+    Run after fold_decoder_batchnorm: a ReLU that directly follows a deconv (Identity between) moves into it,
+    and consecutive deconvs with output_padding 0 hand each other zero-bordered maps instead of cropping.
+    Export rewrites only the output layer: measured per layer (bf16, channels-last, one core), oneDNN runs the
+    inner deconvs at about the bf16 matmul rate and the rewrite's extra taps and shuffle cost more than they
+    save, while the output layer (32 -> 2 channels, float32) runs ~3x faster as a conv (PERFORMANCE.md).
+    """
+    import copy
+
+    if which not in ("output", "all"):
+        raise ValueError(f"which must be 'output' or 'all', not {which!r}")
+    model = copy.deepcopy(model).eval()
+    layers = list(model.decoder.deconv)
+    deconvs = [i for i, m in enumerate(layers) if isinstance(m, nn.ConvTranspose2d)]
+    if which == "output":
+        deconvs = deconvs[-1:]
+    between = [j for j, m in enumerate(layers) if not isinstance(m, (nn.ConvTranspose2d, nn.Identity, nn.ReLU))]
+    pad_in = False
+    for i, nxt in zip(deconvs, deconvs[1:] + [None]):
+        layer = layers[i]
+        rest = range(i + 1, nxt if nxt is not None else len(layers))
+        relus = [j for j in rest if isinstance(layers[j], nn.ReLU)]
+        relu = len(relus) == 1 and not any(j in between for j in rest)
+        # pad_out only when nothing but a ReLU (absorbed) or Identity sits before the next deconv
+        pad_out = relu and nxt is not None and layer.output_padding == (0, 0)
+        layers[i] = SubpixelConvTranspose2d.from_transposed(layer, relu, pad_in, pad_out)
+        if relu:
+            layers[relus[0]] = nn.Identity()
+        pad_in = pad_out
+    model.decoder.deconv = Layers(*layers)
     return model
