@@ -360,7 +360,8 @@ def test_calibrate_and_train_record_the_low_bound_and_the_daemon_reads_it(capsys
     assert trained["low"]["method"] == "blank-third" and trained["low"]["blank_score"] < trained["low"]["value"]
     code, out, _ = run_cli(capsys, "calibrate", model, "--good", station / "calib/good", "-q")
     assert code == 0 and "low bound" in out
-    entry = artifact.verify(model)["thresholds"]["m"]
+    card = artifact.verify(model)
+    entry = card["thresholds"][card["scores"]["default"]]  # calibrate sets the card's default score
     assert entry["low"]["value"] < entry["low"]["min"] and entry["low"]["n_good"] == entry["n_good"]
     assert Scorer(model, device="cpu", warmup=False).low == entry["low"]["value"]
 
