@@ -98,7 +98,8 @@ def test_daemon_judges_blank_grey_dark_and_foreign_frames_error_with_reasons_and
     video = lossless_video(tmp_path / "broken.avi", frames)
     metrics_port = free_port()
     config = write_config(tmp_path, vae_model, video, mosquitto.port, metrics_port=metrics_port, loop=True, fps=20)
-    agent = RunningAgent(config)
+    # Score m: the one write_config's threshold (120) is set for; its card low bound is the blank-third rule.
+    agent = RunningAgent(config, "--set", "model.score=m")
     try:
         agent.wait_printed(2 * len(frames))  # two passes over the broken camera's video
         before = _reasons(agent)
