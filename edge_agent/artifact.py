@@ -48,13 +48,25 @@ def _digest(zf: zipfile.ZipFile, card: dict[str, Any]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _read_zip(path: Path) -> tuple[zipfile.ZipFile, dict[str, Any]]:
-    if not path.exists():
-        raise ModelError(f"model file {path} not found; train one with `edge-agent train` or fix the path")
-    if path.is_dir():
-        raise ModelError(f"model path {path} is a folder; give the .pt file")
+def read_bytes(path: Path) -> bytes:
+    """The model file's bytes, read once: verification and loading both use these, so an atomic
+    replace of the file between the two cannot pair one file's checksum with another's weights."""
     try:
-        zf = zipfile.ZipFile(path)
+        if not path.exists():
+            raise ModelError(f"model file {path} not found; train one with `edge-agent train` or fix the path")
+        if path.is_dir():
+            raise ModelError(f"model path {path} is a folder; give the .pt file")
+        return path.read_bytes()
+    except PermissionError:  # the file, or a folder on its path that this user may not enter
+        raise ModelError(f"{path}: permission denied reading the model file; let this user read it "
+                         f"(e.g. chgrp edge-agent {path} && chmod g+r {path}) or run as its owner") from None
+    except OSError as e:
+        raise ModelError(f"{path} cannot be read ({e.strerror}); check the disk and the path") from None
+
+
+def _read_zip(path: Path, data: bytes) -> tuple[zipfile.ZipFile, dict[str, Any]]:
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, OSError) as e:
         raise ModelError(
             f"{path} is not a readable edge-agent model ({e}); the file is truncated or not a model: re-export it"
@@ -75,10 +87,9 @@ def _read_zip(path: Path) -> tuple[zipfile.ZipFile, dict[str, Any]]:
     return zf, card
 
 
-def verify(path: Path | str) -> dict[str, Any]:
-    """Check the file's checksum and return its card; ModelError with one line if it does not hold."""
-    path = Path(path)
-    zf, card = _read_zip(path)
+def verify_bytes(path: Path, data: bytes) -> dict[str, Any]:
+    """Check the checksum of a model file's bytes and return its card; ModelError with one line if it does not hold."""
+    zf, card = _read_zip(path, data)
     with zf:
         try:
             actual = _digest(zf, card)
@@ -92,14 +103,21 @@ def verify(path: Path | str) -> dict[str, Any]:
     return card
 
 
+def verify(path: Path | str) -> dict[str, Any]:
+    """Check the file's checksum and return its card; ModelError with one line if it does not hold."""
+    path = Path(path)
+    return verify_bytes(path, read_bytes(path))
+
+
 def load(path: Path | str, map_location: str = "cpu"):
-    """Verify, then load: (TorchScript module in eval mode, card)."""
+    """Read the file once, verify those bytes, load the same bytes: (TorchScript module in eval mode, card)."""
     import torch
 
     path = Path(path)
-    card = verify(path)
+    data = read_bytes(path)
+    card = verify_bytes(path, data)
     try:
-        module = torch.jit.load(str(path), map_location=map_location)
+        module = torch.jit.load(io.BytesIO(data), map_location=map_location)
     except Exception as e:  # torch raises RuntimeError subclasses with multi-line text
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{path} passed its checksum but torch cannot load it: {first}") from None
@@ -133,13 +151,23 @@ def write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     # mkstemp makes the file 0600; keep the mode of the file replaced (or 0644 less the umask), so
     # a model written by an engineer stays readable by the station's service user.
+    # The owner and group too: a model owned root:edge-agent 0640 must stay readable by the service
+    # after calibrate rewrites it; when they cannot be kept, nothing is replaced.
+    owner: tuple[int, int] | None = None
     try:
-        mode = path.stat().st_mode & 0o777
+        st = path.stat()
+        mode, owner = st.st_mode & 0o777, (st.st_uid, st.st_gid)
     except FileNotFoundError:
         umask = os.umask(0)
         os.umask(umask)
         mode = 0o644 & ~umask
     try:
+        if owner is not None and owner != (os.geteuid(), os.getegid()):
+            try:
+                os.chown(tmp, *owner)
+            except PermissionError:
+                raise PermissionError(f"permission denied keeping owner {owner[0]} and group {owner[1]} of {path}; "
+                                      "run as root or as its owner") from None
         os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -438,7 +438,7 @@ def _pipeline(model: Path, frames: list[np.ndarray], root: Path, opts: BenchOpti
 
     video = root / "station.avi"
     _write_video(video, frames)
-    mqtt = f'host = ""\nport = {free_port()}' if find_mosquitto() else 'host = "127.0.0.1"\nport = 1'
+    mqtt = f'embedded = true\nport = {free_port()}' if find_mosquitto() else 'host = "127.0.0.1"\nport = 1'
     base = (f'[station]\nid = "bench"\n[model]\npath = "{model}"\ndevice = "{opts.device}"\n'
             f'precision = "{opts.precision}"\nbatch_size = {opts.batch_size}\n[mqtt]\n{mqtt}\nheatmap = "all"\n'
             f'[outbox]\ndir = "{root / "outbox"}"\nflush_timeout_s = 2.0\n[metrics]\nenabled = false\n'

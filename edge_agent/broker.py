@@ -1,5 +1,5 @@
-"""Embedded MQTT broker for out-of-the-box use: when mqtt.host is empty the agent runs mosquitto
-on 127.0.0.1 itself, so a station works before the plant's broker is set up.
+"""Embedded MQTT broker, an explicit choice (mqtt.embedded = true, as in the demo): the agent runs
+mosquitto on 127.0.0.1 itself, for demos and a PLC on the same machine.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class EmbeddedBroker:
         binary = find_mosquitto()
         if binary is None:
             raise ConfigError(
-                "mqtt.host is empty, so the agent would start an embedded broker, but mosquitto is not installed;"
+                "mqtt.embedded = true, so the agent would start an embedded broker, but mosquitto is not installed;"
                 " install it (apt install mosquitto) or set mqtt.host to your broker"
             )
         if not port_is_free(self.port):
@@ -161,7 +161,7 @@ class EmbeddedBroker:
 
 
 def start_embedded_if_needed(config: MqttConfig) -> EmbeddedBroker | None:
-    """Start the embedded broker when mqtt.host is empty; the caller stops it after the publisher."""
-    if config.host:
+    """Start the embedded broker when mqtt.embedded is set; the caller stops it after the publisher."""
+    if not config.embedded:
         return None
     return EmbeddedBroker(config.port).start()

@@ -148,7 +148,8 @@ def check_rate(name: str, value: float | None, upto_one: bool = False) -> None:
 
 
 def choose(good_scores, defect_scores=None, method: str = "frr", target_frr: float = 0.01,
-           target_recall: float | None = None, confidence: float = 0.95) -> dict[str, Any]:
+           target_recall: float | None = None, confidence: float = 0.95,
+           blank_score: float | None = None) -> dict[str, Any]:
     """Pick the threshold and describe it: the card's threshold entry, without provenance fields.
 
     good_scores, defect_scores: per-image scores (the max counted patch score of each image).
@@ -191,6 +192,7 @@ def choose(good_scores, defect_scores=None, method: str = "frr", target_frr: flo
     exceedances = int((good > value).sum())
     entry: dict[str, Any] = {
         "value": value,
+        "low": low_bound(good, blank_score),
         "method": method,
         "description": DESCRIPTIONS[method],
         "target_frr": target_frr if method in ("frr", "max-train") else None,
@@ -210,6 +212,48 @@ def choose(good_scores, defect_scores=None, method: str = "frr", target_frr: flo
     if defect.size:
         point = operating_point(np.r_[np.zeros(n), np.ones(defect.size)], np.r_[good, defect], value)
         entry.update({key: point[key] for key in ("precision", "recall", "f1", "miss_rate")})
+    return entry
+
+
+LOW_MARGIN = 3.0
+LOW_DESCRIPTIONS = {
+    "blank-third": "a third of the way from a blank frame's image score (flat mid-grey) up to the lowest good image "
+                   "score, at most the lowest good score minus one spread (p90 - p10); an image score below it is nothing a good part produced: ERROR, the frame does not look "
+                   "like this station",
+    "min-minus-spread": "lowest good image score minus margin x the spread (p90 - p10) of the good image scores; an "
+                        "image score below it is nothing a good part produced: ERROR, the frame does not look like "
+                        "this station",
+}
+
+
+def low_bound(good_scores, blank_score: float | None = None, margin: float = LOW_MARGIN) -> dict[str, Any]:
+    """The low end of good image scores, for the card's threshold entry (`low`): two-sided scores.
+
+    A very low score is not a very good part: a grey frame, a covered lens or another station's view
+    reconstructs "too well" and lands near what a frame showing nothing scores. With that floor
+    (`blank_score`, evaluation.blank_frame_scores) under the good scores, the bound sits a third of the way
+    from it to the lowest good score: scale-free, for any sign of score, and clear of good parts even when
+    few images set it (the spread of 8 images says little), and never closer to them than one spread
+    (p90 - p10; 10 % of |min| when all are equal). When a blank frame scores within two spreads of the
+    good parts (the score cannot tell them apart) or above them: the lowest good score minus `margin`
+    spreads. Used by calibrate and by train.
+    """
+    good = np.asarray(good_scores, dtype=np.float64)
+    good = good[np.isfinite(good)]
+    if good.size == 0:
+        raise ConfigError("the low bound needs at least one finite good image score")
+    lowest = float(good.min())
+    q10, q90 = np.quantile(good, [0.1, 0.9])
+    spread = float(q90 - q10)
+    if not spread > 0:
+        spread = abs(lowest) * 0.1 or 1.0
+    entry: dict[str, Any] = {"min": lowest, "spread": spread, "n_good": int(good.size), "blank_score": blank_score}
+    if blank_score is not None and math.isfinite(blank_score) and lowest - blank_score > 2 * spread:
+        # Never closer to the good parts than one spread.
+        entry.update(value=min(blank_score + (lowest - blank_score) / 3.0, lowest - spread), method="blank-third")
+    else:
+        entry.update(value=lowest - margin * spread, method="min-minus-spread", margin=margin)
+    entry["description"] = LOW_DESCRIPTIONS[entry["method"]]
     return entry
 
 

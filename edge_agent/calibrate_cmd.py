@@ -19,8 +19,8 @@ import numpy as np
 import edge_agent
 from edge_agent import artifact, calibrate
 from edge_agent.errors import ConfigError, DataError
-from edge_agent.evaluation import (histogram_bins, log_axis, pixel_auroc, read_masks, roc_auc, roc_curve, score_files,
-                                  write_json)
+from edge_agent.evaluation import (blank_frame_scores, histogram_bins, log_axis, pixel_auroc, read_masks, roc_auc,
+                                   roc_curve, score_files, write_json)
 from edge_agent.images import file_hashes, fingerprint, fitted_hashes, list_images, read_image
 from edge_agent.scoring import Scorer
 
@@ -134,7 +134,8 @@ def run_calibration(model: Path, good: Path, defect: Path | None = None, masks: 
     results = score_files(scorer, files, [name], ignore_mask=mask, progress=progress, label=f"calibrate {model.name}")
     scores = np.array([r.image_score(name) for r in results], dtype=np.float64)
     good_scores, defect_scores = scores[: len(good_files)], scores[len(good_files):]
-    entry = calibrate.choose(good_scores, defect_scores, method, rate, target_recall, confidence)
+    blank = blank_frame_scores(scorer, [name])[name]
+    entry = calibrate.choose(good_scores, defect_scores, method, rate, target_recall, confidence, blank)
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     entry.update({
         "good_dir": str(good), "defect_dir": str(defect) if defect is not None else None,
@@ -189,6 +190,12 @@ def _numbers(e: dict[str, Any]) -> list[str]:
         lines.append(f"  target FRR {e['target_frr']:g} at {pct:g} %: needs >= {e['n_min_for_target']} good images "
                      f"({enough}); confidence achieved for FRR <= {e['target_frr']:g}: "
                      f"{e['confidence_for_target_frr']:.3f}")
+    if e.get("low"):
+        lines.append(f"  low bound {e['low']['value']:.6g} ({e['low']['method']}: lowest good {e['low']['min']:.6g}, "
+                     f"blank frame {e['low']['blank_score']:.6g}): a lower image score is ERROR, not a good part"
+                     if e["low"]["blank_score"] is not None else
+                     f"  low bound {e['low']['value']:.6g} ({e['low']['method']}: lowest good {e['low']['min']:.6g}): "
+                     "a lower image score is ERROR, not a good part")
     if e["n_defect"]:
         lines.append(f"  defects: recall {e['recall']:.4f}, miss rate {e['miss_rate']:.4f}, precision "
                      f"{e['precision']:.4f}, F1 {e['f1']:.4f} on {e['n_defect']} images; image AUROC {e['image_auroc']:.4f}")

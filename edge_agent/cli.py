@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from edge_agent.errors import DataError, EdgeAgentError
+from edge_agent.errors import ConfigError, DataError, EdgeAgentError
 
 app = typer.Typer(
     add_completion=False,
@@ -25,11 +25,37 @@ app = typer.Typer(
     help="Streaming edge inspection agent: train on good parts, calibrate, score, evaluate, run the station daemon.",
 )
 
-Model = Annotated[Path, typer.Argument(help="Model file (.pt) exported by `edge-agent train`.")]
+# readable=False: our own check names the problem ("permission denied ... chmod g+r"), click's only says "not readable".
+Model = Annotated[Path, typer.Argument(help="Model file (.pt) exported by `edge-agent train`.", readable=False)]
+Station = Annotated[Optional[Path], typer.Option(
+    "--config", help="Station config (TOML): judge as that station does, with its model, score, threshold, ignore "
+    "mask and precision (score: its quality gate too); reproduces a disputed verdict offline.")]
+
+
+def _station_model(config: Path, device: str):
+    """The station's Model (scorer + ignore mask) and config, as the daemon loads them; device 'auto' keeps the config's."""
+    from edge_agent.config import load_config
+    from edge_agent.daemon import load_model
+
+    station = load_config(config)
+    cfg = station.model if device == "auto" else station.model.model_copy(update={"device": device})
+    return load_model(cfg), station
+
+
+def _json_safe(value):
+    """NaN and infinities become null: JSON has no NaN, and `score --json` output must parse anywhere."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) or hasattr(value, "item"):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value
 
 
 def _json_line(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj, default=float) + "\n")
+    sys.stdout.write(json.dumps(_json_safe(obj), allow_nan=False) + "\n")
     sys.stdout.flush()
 
 
@@ -139,59 +165,89 @@ def train(
 
 @app.command()
 def score(
-    model: Model,
-    paths: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
+    model: Annotated[Optional[Path], typer.Argument(
+        help="Model file (.pt) exported by `edge-agent train`; left out with --config (model.path).")] = None,
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Images or folders of images.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,
     score_name: Annotated[Optional[str], typer.Option("--score", help="Score name; default: the card's.")] = None,
     heatmaps: Annotated[Optional[Path], typer.Option(help="Write an overlay PNG per image into this folder.")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="Override the card's threshold.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    config: Station = None,
 ) -> None:
     """Score images: image score = the highest patch score; anomalous when it is over the threshold."""
     import cv2
 
+    from edge_agent import quality
+    from edge_agent.config import QualityConfig
     from edge_agent.images import list_images, read_image
     from edge_agent.scoring import Scorer
-    from edge_agent.verdict import decide, overlay
+    from edge_agent.verdict import decide, failed, overlay
 
-    scorer = Scorer(model, device=device, score_name=score_name, threshold=threshold)
-    files = list_images(paths)
+    targets = list(paths or [])
+    mask = None
+    gate = QualityConfig()
+    if config is not None:
+        if model is not None and model.suffix == ".pt":
+            raise ConfigError(f"with --config the model is the station's model.path; leave {model} out")
+        targets = ([model] if model is not None else []) + targets
+        station_model, station = _station_model(config, device)
+        scorer, mask, gate = station_model.scorer, station_model.ignore_mask, station.quality
+        if score_name is not None or threshold is not None:
+            scorer = Scorer(scorer.path, device=str(scorer.device), precision=station.model.precision,
+                            score_name=score_name or station.model.score,
+                            threshold=threshold if threshold is not None else station.model.threshold)
+    else:
+        if model is None:
+            raise ConfigError("Missing argument 'MODEL': give the model file and images (edge-agent score MODEL "
+                              "IMAGES...) or --config station.toml")
+        scorer = Scorer(model, device=device, score_name=score_name, threshold=threshold)
+    if not targets:
+        raise ConfigError("Missing argument 'PATHS...': name image files or folders to score")
+    files = list_images(targets)
     if heatmaps is not None:
         heatmaps.mkdir(parents=True, exist_ok=True)
-    failed = 0
+    failed_images = 0
     for f in files:
         try:
             image = read_image(f)
             fs = scorer.score_image(image)
         except EdgeAgentError as e:
-            failed += 1
+            failed_images += 1
             typer.echo(f"edge-agent: error: {e}", err=True)
             if json_out:
                 _json_line({"image": str(f), "error": str(e), "anomalous": None})
             continue
-        d = decide(fs.grid, fs.scores, scorer.threshold, scorer.counted(fs.grid))
+        counted = fs.grid.counted(mask) if mask is not None else scorer.counted(fs.grid)
+        problem = quality.check(image, gate) if gate.enabled else None
+        if problem is not None:
+            d = failed(problem.message(), problem.reason, fs.grid.count)
+        else:
+            d = decide(fs.grid, fs.scores, scorer.threshold, counted, scorer.low)
         row = {"image": str(f), "score": d.score, "threshold": scorer.threshold, "anomalous": d.anomalous,
                "result": d.result, "score_name": scorer.score_name, "worst_patch": _box(d.worst_box),
                "patches_over_threshold": d.patches_over, "patches_total": d.patches_total}
         if d.error:
             row["error"] = d.error
-            failed += 1
+            row["error_reason"] = d.reason
+            failed_images += 1
         if heatmaps is not None:
             out = heatmaps / f"{f.stem}_heatmap.png"
-            cv2.imwrite(str(out), overlay(image, fs.grid, fs.scores, scorer.threshold, d))
+            cv2.imwrite(str(out), overlay(image, fs.grid, fs.scores, scorer.threshold, d,
+                                          good_image_scores=scorer.good_image_scores))
             row["heatmap"] = str(out)
         if json_out:
             _json_line(row)
         else:
             typer.echo(f"{d.result:5s} {d.score:12.6g}  (threshold {scorer.threshold:.6g}, "
-                       f"{d.patches_over}/{d.patches_total} patches over)  {f}")
-    if failed:
+                       f"{d.patches_over}/{d.patches_total} patches over)  {f}"
+                       + (f"  {d.error}" if d.error else ""))
+    if failed_images:
         raise typer.Exit(1)
 
 
 @app.command()
 def evaluate(
-    models: Annotated[list[Path], typer.Argument(help="One or more model files to compare.")],
     good: Annotated[Path, typer.Option(help="Folder of good test images (never used for training).")],
     defect: Annotated[Path, typer.Option(help="Folder of defective test images.")],
     masks: Annotated[Optional[Path], typer.Option(help="Folder of ground-truth masks (same names) for pixel AUROC.")] = None,
@@ -202,12 +258,22 @@ def evaluate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     kinds: Annotated[Optional[Path], typer.Option(help="CSV of image,kind lines for per-kind numbers; default: "
                                                        "kinds.csv in the --defect folder when there is one.")] = None,
+    config: Station = None,
+    models: Annotated[Optional[list[Path]], typer.Argument(help="One or more model files to compare; left out with --config.")] = None,
 ) -> None:
     """Image ROC-AUC (the seed's metric), pixel ROC-AUC, best F1, recall at 1 % false rejects, per defect kind;
     several scores and models in one report."""
     from edge_agent.evaluate_cmd import run_evaluation
 
-    summary = run_evaluation(models, good, defect, masks, score_names, report, device, allow_overlap, not quiet, kinds)
+    station = None
+    if config is not None:
+        if models:
+            raise ConfigError(f"with --config the model is the station's model.path; leave {models[0]} out")
+        station = _station_model(config, device)[0]
+    elif not models:
+        raise ConfigError("Missing argument 'MODELS...': give one or more model files, or --config station.toml")
+    summary = run_evaluation(models or [], good, defect, masks, score_names, report, device, allow_overlap, not quiet, kinds,
+                             station=station)
     typer.echo(summary)
 
 

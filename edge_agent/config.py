@@ -10,7 +10,8 @@ import ipaddress
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -99,6 +100,26 @@ class RecipeConfig(Section):
     ignore_mask: Path | None = Field(None, description="PNG whose black pixels mark areas that do not count.")
 
 
+class QualityConfig(Section):
+    enabled: bool = Field(True, description="Check every frame before it is judged; a frame that fails is ERROR, never OK.")
+    min_std: float = Field(
+        2.0, ge=0, description="Pixel standard deviation (0-255 scale) below which a frame is uniform (a grey frame "
+        "from a broken stream)."
+    )
+    dark_level: int = Field(16, ge=0, le=255, description="Pixels at or below this level count as dark.")
+    max_dark_fraction: float = Field(
+        0.95, gt=0, le=1, description="More than this share of dark pixels = underexposed (lamp off, lens covered)."
+    )
+    bright_level: int = Field(240, ge=0, le=255, description="Pixels at or above this level count as saturated.")
+    max_bright_fraction: float = Field(
+        0.95, gt=0, le=1, description="More than this share of saturated pixels = overexposed."
+    )
+    frozen_frames: int = Field(
+        10, ge=0, description="This many byte-identical frames in a row from a live source (device, url, gstreamer) = "
+        "frozen; 0 = off. Stored files and folders are never judged frozen."
+    )
+
+
 class TlsConfig(Section):
     enabled: bool = Field(False, description="Connect with TLS; the server certificate is verified.")
     ca_file: Path | None = Field(None, description="CA bundle that signed the broker's certificate; default: system CAs.")
@@ -108,7 +129,11 @@ class TlsConfig(Section):
 
 
 class MqttConfig(Section):
-    host: str = Field("", description="Broker host; empty = start an embedded broker on 127.0.0.1.")
+    host: str = Field("", description="Broker host (the plant broker the PLC/MES reads); required unless embedded.")
+    embedded: bool = Field(
+        False, description="Start a private mosquitto on 127.0.0.1:port instead (demos, a PLC on this machine); "
+        "host must then be empty."
+    )
     port: int = Field(1883, ge=1, le=65535, description="Broker port (also the embedded broker's port).")
     prefix: str = Field("edge-agent", description="Topic prefix; topics are <prefix>/<station>/verdict etc.")
     protocol: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT protocol version.")
@@ -127,6 +152,17 @@ class MqttConfig(Section):
     trigger_rate_per_s: float = Field(
         20.0, gt=0, description="PLC triggers accepted per second (burst of the same size); excess get an error reply."
     )
+
+    @model_validator(mode="after")
+    def _broker_chosen(self) -> MqttConfig:
+        # An empty host once meant a silent private broker: verdicts that looked delivered, read by nobody.
+        if self.embedded and self.host:
+            raise ValueError(f"mqtt.host = {self.host!r} and mqtt.embedded = true contradict; "
+                             "drop host to use the embedded broker, or embedded to use that broker")
+        if not self.embedded and not self.host:
+            raise ValueError("mqtt.host is empty; set the plant broker (host = \"broker.plant\") or "
+                             "embedded = true for a private broker on 127.0.0.1")
+        return self
 
     @field_validator("prefix")
     @classmethod
@@ -232,6 +268,7 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig, description="What scores the frames.")
     source: SourceConfig = Field(description="Where frames come from.")
     inspection: InspectionConfig = Field(default_factory=InspectionConfig, description="When to inspect.")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="Which frames can be judged at all.")
     trigger: TriggerConfig = Field(default_factory=TriggerConfig, description="PLC triggers.")
     recipes: dict[str, RecipeConfig] = Field(
         default_factory=dict,
@@ -244,6 +281,13 @@ class Config(Section):
     web: WebConfig = Field(default_factory=WebConfig, description="The station page.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Logging.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mqtt_section(cls, data: Any) -> Any:
+        # A config without [mqtt] names no broker: validate an empty section so the error says what to set.
+        if isinstance(data, dict) and "mqtt" not in data:
+            data = {**data, "mqtt": {}}
+        return data
     @model_validator(mode="after")
     def _default_recipe_known(self) -> Config:
         default, names = self.inspection.default_recipe, sorted(self.recipes)
@@ -292,8 +336,33 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part} is not a section; check the key name")
-        node[leaf] = _parse_value(value.strip())
+        value = value.strip()
+        parsed = _parse_value(value)
+        # `--set mqtt.protocol=5` parses as the number 5; a text field (str, Path, a Literal of strings)
+        # takes what was typed, so a value valid for its field as a string is accepted.
+        node[leaf] = value if not isinstance(parsed, str) and _textual(key.strip().split(".")) else parsed
     return data
+
+
+def _textual(path: list[str]) -> bool:
+    """True when the Config field at path takes text only (no number or boolean would be valid)."""
+    model: Any = Config
+    for i, part in enumerate(path):
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        ann = fields[part].annotation
+        if i < len(path) - 1:
+            model = ann
+            continue
+        kinds = set()
+        for arg in get_args(ann) if get_origin(ann) in (Union, UnionType) else (ann,):
+            if get_origin(arg) is Literal:
+                kinds |= {type(v) for v in get_args(arg)}
+            elif arg is not type(None):
+                kinds.add(arg)
+        return bool(kinds) and all(isinstance(k, type) and issubclass(k, (str, Path)) for k in kinds)
+    return False
 
 
 def format_errors(err: ValidationError, source: str) -> str:
@@ -304,6 +373,8 @@ def format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"{source}: unknown key {key!r}; remove it or check its spelling (deploy/config.example.toml lists every key)")
         elif e["type"] == "missing":
             lines.append(f"{source}: {key} is required; add it")
+        elif isinstance(e.get("input"), dict):  # a check of a whole section names its keys itself
+            lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             lines.append(f"{source}: {key} = {e.get('input')!r}: {msg}")

@@ -38,7 +38,12 @@ def load_model(cfg: ModelConfig, warmup: bool = True) -> Model:
     from edge_agent.pipeline import Model
     from edge_agent.scoring import Scorer
 
-    if not Path(cfg.path).is_file():
+    try:
+        found = Path(cfg.path).is_file()
+    except PermissionError:
+        raise ModelError(f"model.path {cfg.path}: permission denied on a folder of its path; let the service "
+                         "user enter it (chmod o+x / g+x) or move the model") from None
+    if not found:
         raise ModelError(f"model.path {cfg.path} not found; train one with `edge-agent train` or fix the path")
     scorer = Scorer(cfg.path, device=cfg.device, precision=cfg.precision, score_name=cfg.score,
                     batch_size=cfg.batch_size, threshold=cfg.threshold, warmup=warmup)
@@ -164,7 +169,7 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
     recipes = load_recipes(config)
     model = recipes[config.default_recipe_name()]
     scorer = model.scorer
-    metrics = Metrics(threshold=scorer.threshold)
+    metrics = Metrics(threshold=scorer.threshold, good_image_scores=scorer.good_image_scores)
     _model_info(metrics, model)
     watchdog = systemd.Watchdog()
     boot_id = uuid.uuid4().hex[:12]

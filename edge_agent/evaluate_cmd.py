@@ -49,7 +49,9 @@ def read_kinds(defect_files: list[Path], kinds: Path | None, defect_dir: Path) -
 
 def run_evaluation(models: list[Path], good: Path, defect: Path, masks: Path | None, score_names: list[str] | None,
                    report: Path | None, device: str, allow_overlap: bool, progress: bool,
-                   kinds: Path | None = None) -> str:
+                   kinds: Path | None = None, station: Any = None) -> str:
+    """`station` (pipeline.Model from a station config): evaluate that model as the station runs it, with its
+    score, threshold, precision and ignore mask, instead of `models`."""
     good_files = list_images(good, what="--good")
     defect_files = list_images(defect, what="--defect")
     defect_kinds = read_kinds(defect_files, kinds, defect)
@@ -59,7 +61,12 @@ def run_evaluation(models: list[Path], good: Path, defect: Path, masks: Path | N
                            "good_dir": str(good), "defect_dir": str(defect), "models": []}
     curves: dict[str, dict[str, Any]] = {}
     rows = []
-    scorers = [Scorer(model, device=device, warmup=True) for model in models]
+    if station is not None:
+        models = [station.scorer.path]
+        scorers = [station.scorer]
+        score_names = score_names or [station.scorer.score_name]
+    else:
+        scorers = [Scorer(model, device=device, warmup=True) for model in models]
     # With several models, --score picks among all of their scores: each model gives the ones it has.
     known = {n for s in scorers for n in s.card["scores"]["names"]}
     for n in score_names or []:
@@ -75,7 +82,8 @@ def run_evaluation(models: list[Path], good: Path, defect: Path, masks: Path | N
             raise DataError(f"none of --score {', '.join(score_names or [])} is a score of {model}; "
                             f"it has: {', '.join(card['scores']['names'])}")
         run = ScoringRun()
-        results = score_files(scorer, files, names, ignore_mask=scorer.ignore_mask, progress=progress,
+        mask = station.ignore_mask if station is not None else scorer.ignore_mask
+        results = score_files(scorer, files, names, ignore_mask=mask, progress=progress,
                               label=f"evaluate {model.name}", run=run)
         mask_list = None
         if masks is not None:
@@ -86,6 +94,8 @@ def run_evaluation(models: list[Path], good: Path, defect: Path, masks: Path | N
         for name in names:
             image_scores = np.array([r.image_score(name) for r in results])
             th = card.get("thresholds", {}).get(name, {}).get("value", float("nan"))
+            if station is not None and name == scorer.score_name:
+                th = scorer.threshold  # the station's threshold, a config override included
             result = {
                 "image_auroc": roc_auc(labels, image_scores),
                 "pixel_auroc": pixel_auroc(results, mask_list, name) if mask_list is not None else None,

@@ -68,6 +68,17 @@ def score_files(scorer: Scorer, files: list[Path], names: list[str] | None = Non
     return run.results
 
 
+def blank_frame_scores(scorer: Scorer, names: list[str]) -> dict[str, float]:
+    """Each score's image score of a flat mid-grey frame of the model's frame size: the floor a frame that
+    shows nothing reaches (calibrate.low_bound places the low bound between it and the good parts)."""
+    card_input = scorer.card.get("input", {})
+    h = int(card_input.get("frame_height") or 4 * scorer.patch_size)
+    w = int(card_input.get("frame_width") or 4 * scorer.patch_size)
+    shape = (h, w) if scorer.channels == 1 else (h, w, scorer.channels)
+    grid, patches = scorer.patches(np.full(shape, 128, np.uint8))
+    return {name: float(np.max(scorer.score_frame(grid, patches, name))) for name in names}
+
+
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve (Mann-Whitney U with tied ranks averaged); labels 1 = defective."""
     labels = np.asarray(labels).astype(bool)

@@ -34,5 +34,6 @@ class Frame:
     trigger: Trigger | None = None
     stage_s: dict[str, float] = field(default_factory=dict)  # per-stage latency so far
     error: str | None = None  # why this frame cannot be judged (unreadable, wrong size): an ERROR verdict
+    error_reason: str | None = None  # with error: verdict.ERROR_REASONS (None = unreadable, as capture says)
     read_started_mono: float = 0.0  # time.monotonic() when the read that returned this frame began
     frame_age_s: float | None = None  # seconds from capture to pairing with its trigger

@@ -14,11 +14,16 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from edge_agent.verdict import ERROR_REASONS
+
 logger = logging.getLogger(__name__)
 
 STAGES = ("capture", "preprocess", "inference", "decision", "encode", "publish")
 RESULTS = ("OK", "NG", "ERROR")
-DROP_REASONS = ("queue_full", "wrong_size", "bad_frame", "heatmap_outbox_full", "verdict_outbox_full", "outbox_error")
+# Frames or messages lost without a verdict. A frame that got a verdict (ERROR included) is never a drop:
+# unreadable and wrong-size frames are in edge_agent_bad_frames_total and edge_agent_error_verdicts_total.
+DROP_REASONS = ("queue_full", "heatmap_outbox_full", "verdict_outbox_full", "outbox_error")
+BAD_FRAME_REASONS = ("bad_frame", "wrong_size")
 # 1 ms .. 10 s in 1-2-5 steps: a CPU patch pass takes tens of ms, a broker round trip can take seconds.
 SECONDS_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 # Image-score buckets as fractions of the threshold: dense around 1.0 so drift toward it shows
@@ -28,21 +33,43 @@ THRESHOLD_FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.
 # label: Prometheus reserves that for summaries (promtool check metrics rejects it).
 GOOD_SCORE_STATS = ("p50", "p90", "p99", "max")
 DEFAULT_SCORE_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 100.0, 1000.0)
+# Steps of the gap between the median good image score and the threshold, around the threshold:
+# -4 .. -1 cover the good parts (p50 at -1), 0 is the threshold, up to +8 for gross defects.
+GAP_STEPS = (-4.0, -3.0, -2.0, -1.5, -1.0, -0.75, -0.5, -0.25, -0.1, -0.05, 0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
-def score_buckets(threshold: float | None) -> tuple[float, ...]:
-    """Histogram buckets for image scores: THRESHOLD_FRACTIONS of a positive threshold, else generic."""
-    if threshold is None or threshold <= 0:
-        # Fractions of a negative or zero threshold (log-likelihood scores) would not bracket it.
+def score_buckets(threshold: float | None, good_image_scores: Mapping[str, float] | None = None) -> tuple[float, ...]:
+    """Histogram buckets for image scores, from the model's own calibration scores when the card has them.
+
+    With the card's good-score statistics: the threshold plus GAP_STEPS of the gap (threshold - p50),
+    and the statistics themselves (p50, p90, p99, max) as bucket bounds, so the drift alert's median
+    lands between known bounds for any score, negative ones (elbo, a, GMM nll) included. Without
+    them: THRESHOLD_FRACTIONS of the threshold, mirrored around it when it is not positive.
+    """
+    if threshold is None or not math.isfinite(threshold):
         return DEFAULT_SCORE_BUCKETS
-    return tuple(sorted({round(f * threshold, 12) for f in THRESHOLD_FRACTIONS}))
+    stats = {k: v for k, v in (good_image_scores or {}).items()
+             if k in GOOD_SCORE_STATS and isinstance(v, (int, float)) and math.isfinite(v)}
+    p50 = stats.get("p50")
+    if p50 is not None and threshold > p50:
+        gap = threshold - p50
+        bounds = {threshold + step * gap for step in GAP_STEPS} | set(stats.values())
+    elif threshold > 0:
+        bounds = {f * threshold for f in THRESHOLD_FRACTIONS}
+    else:
+        # A negative or zero threshold: the same fractions' distances from it, on either side.
+        scale = abs(threshold) or 1.0
+        bounds = {threshold + (f - 1.0) * scale for f in THRESHOLD_FRACTIONS}
+    return tuple(sorted({round(b, 12) for b in bounds}))
 
 
 class Metrics:
     """The daemon's metrics; `registry=None` creates a private registry (never the global one)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, threshold: float | None = None) -> None:
-        """`threshold` shapes the image-score buckets; build Metrics after the model is loaded to use it."""
+    def __init__(self, registry: CollectorRegistry | None = None, threshold: float | None = None,
+                 good_image_scores: Mapping[str, float] | None = None) -> None:
+        """`threshold` and the card's `good_image_scores` shape the image-score buckets (score_buckets);
+        build Metrics after the model is loaded to use them."""
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.latency = Histogram(
@@ -55,6 +82,16 @@ class Metrics:
             "edge_agent_stage_seconds", "Time spent per pipeline stage.", ["stage"], buckets=SECONDS_BUCKETS, registry=r
         )
         self.frames = Counter("edge_agent_frames", "Frames inspected, by verdict.", ["result"], registry=r)
+        self.error_verdicts = Counter(
+            "edge_agent_error_verdicts", "ERROR verdicts, by reason (frame quality, unreadable, scoring...).", ["reason"],
+            registry=r,
+        )
+        self.bad_frames = Counter(
+            "edge_agent_bad_frames",
+            "Frames the source delivered unreadable (bad_frame) or of the wrong size; inspected ones get ERROR verdicts.",
+            ["reason"],
+            registry=r,
+        )
         self.verdicts_published = Counter(
             "edge_agent_verdicts_published", "Verdicts acknowledged by the broker.", registry=r
         )
@@ -76,8 +113,8 @@ class Metrics:
         self.model = Info("edge_agent_model", "The loaded model and how it runs.", registry=r)
         self.image_score_hist = Histogram(
             "edge_agent_image_score",
-            "Image anomaly score (max patch score); buckets are fractions of the threshold.",
-            buckets=score_buckets(threshold),
+            "Image anomaly score (max patch score) of OK and NG frames; buckets from the model's calibration scores.",
+            buckets=score_buckets(threshold, good_image_scores),
             registry=r,
         )
         self.threshold_gauge = Gauge(
@@ -103,6 +140,10 @@ class Metrics:
             self.frames.labels(result=result)
         for reason in DROP_REASONS:
             self.dropped_total.labels(reason=reason)
+        for reason in ERROR_REASONS:
+            self.error_verdicts.labels(reason=reason)
+        for reason in BAD_FRAME_REASONS:
+            self.bad_frames.labels(reason=reason)
         for result in ("accepted", "rejected", "duplicate"):
             self.triggers.labels(result=result)
 
@@ -122,8 +163,9 @@ class Metrics:
         self.camera_reconnects.inc()
 
     def frame_rejected(self, reason: str) -> None:
-        """A captured frame that is not passed on (wrong_size, bad_frame)."""
-        self.dropped_total.labels(reason=reason).inc()
+        """A captured frame that cannot be judged (bad_frame, wrong_size); not a drop: it is passed on for
+        an ERROR verdict, counted by frame_result."""
+        self.bad_frames.labels(reason=reason).inc()
 
     # Pipeline
     def stage(self, stage: str, seconds: float) -> None:
@@ -134,9 +176,11 @@ class Metrics:
         for stage, seconds in stage_s.items():
             self.stage_seconds.labels(stage=stage).observe(seconds)
 
-    def frame_result(self, result: str) -> None:
-        """Count an inspected frame: OK, NG or ERROR."""
+    def frame_result(self, result: str, reason: str | None = None) -> None:
+        """Count an inspected frame: OK, NG or ERROR (with its reason, verdict.ERROR_REASONS)."""
         self.frames.labels(result=result).inc()
+        if result == "ERROR":
+            self.error_verdicts.labels(reason=reason or "internal").inc()
 
     def image_score(self, score: float) -> None:
         self.image_score_hist.observe(score)

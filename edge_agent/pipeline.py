@@ -32,13 +32,13 @@ from edge_agent.errors import ModelError
 from edge_agent.frames import Frame, Trigger
 from edge_agent.metrics import Metrics
 from edge_agent.patches import PatchGrid
+from edge_agent.quality import Gate
 from edge_agent.scoring import Scorer
 from edge_agent.triggers import Pending, TriggerError, duplicate_of
-from edge_agent.verdict import Decision, decide, overlay
+from edge_agent.verdict import Decision, decide, document, failed, overlay
 
 logger = logging.getLogger(__name__)
 
-VERDICT_VERSION = 1
 MAX_PENDING_TRIGGERS = 64
 _END = object()  # queued after the last frame: the infer thread drains up to it, then ends
 
@@ -80,14 +80,6 @@ def expected_frame(scorer: Scorer) -> tuple[int | None, int | None, int]:
     card_input = scorer.card.get("input", {})
     h, w = card_input.get("frame_height"), card_input.get("frame_width")
     return (int(h) if h else None, int(w) if w else None, int(card_input.get("channels", scorer.channels)))
-
-
-def _box(box: tuple[int, int, int, int] | None) -> dict[str, int] | None:
-    return None if box is None else dict(zip(("x", "y", "w", "h"), (int(v) for v in box)))
-
-
-def _finite(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
 
 
 class Pipeline:
@@ -136,6 +128,7 @@ class Pipeline:
         self._next_due = 0.0  # monotonic time the next free-run frame may be taken (max_fps)
         self._first_frame = True
         self._warned_shapes: set[tuple] = set()
+        self.quality = Gate(config.quality, live=not source.finite)
         # Live frames already paired with a trigger, waiting for room in the queue (bounded by Pending).
         self._backlog: deque[Frame] = deque()
         self._backlog_lock = threading.Lock()
@@ -202,9 +195,10 @@ class Pipeline:
         frame = Frame(self.capture.next_seq(), np.zeros((0, 0), np.uint8), captured_at=time.time(),
                       source=self.source.describe(), trigger=trig)
         scorer = self._model_for(trig).scorer
-        verdict = self._verdict(frame, scorer, Decision(True, float("nan"), None, 0, 0, error), {}, False)
+        reason = "trigger_deadline" if stage == "trigger_deadline" else "no_frame"
+        verdict = document(frame, scorer, failed(error, reason), self.station, self.boot_id, {}, False)
         self.metrics.error(stage)
-        self.metrics.frame_result("ERROR")
+        self.metrics.frame_result("ERROR", reason)
         if self.publisher is not None:
             self.publisher.publish_verdict(verdict, None)
         self._completed(trig, verdict)
@@ -297,7 +291,10 @@ class Pipeline:
         if frame.error is None:
             misfit = self._misfit(frame.image)
             if misfit is not None:
-                frame = dataclasses.replace(frame, error=misfit)
+                frame = dataclasses.replace(frame, error=misfit, error_reason="wrong_size")
+            elif (problem := self.quality(frame.image)) is not None:
+                # On the capture thread: the frozen detector must see every frame, not only the judged ones.
+                frame = dataclasses.replace(frame, error=problem.message(), error_reason=problem.reason)
         back_pressure = self.capture.pace == "consumer"
         if self.triggered:
             trigger = self._take_trigger(frame, wait=back_pressure)
@@ -429,55 +426,30 @@ class Pipeline:
             try:
                 self.inspect(item)
             except Exception:
-                # A bug in our own code; the frame's verdict is lost, so say so loudly and go on.
-                logger.exception("inspecting frame %d failed", item.seq)
+                # inspect() publishes an ERROR verdict for its own failures; this is a failure after publishing.
+                logger.exception("after the verdict of frame %d", item.seq)
                 self.metrics.error("publish")
 
     def inspect(self, frame: Frame) -> dict[str, Any]:
-        """Score one frame, decide, render, publish; returns the verdict."""
-        model = self._model_for(frame.trigger)
-        scorer = model.scorer
+        """Score one frame, decide, render, publish; returns the verdict. A failure anywhere before the
+        verdict is handed to the publisher still publishes one: ERROR, reason internal."""
         stage_s = dict(frame.stage_s)
-        stage_s["queue"] = max(0.0, time.time() - frame.captured_at)  # captured_at is stamped after the read
-        grid: PatchGrid | None = None
-        scores: np.ndarray | None = None
-        t = time.perf_counter()
+        model = self._model_for(frame.trigger)
         try:
-            if frame.error is not None:
-                raise _Unjudgeable(frame.error)
-            grid, patches = scorer.patches(frame.image)
-            now = time.perf_counter()
-            stage_s["preprocess"], t = now - t, now
-            scores = scorer.score_frame(grid, patches)
-            now = time.perf_counter()
-            stage_s["inference"], t = now - t, now
-            self.metrics.patches_scored(len(scores))
-        except _Unjudgeable as e:
-            decision = Decision(True, float("nan"), None, 0, 0, str(e))
+            verdict, heatmap, decision = self._judge(frame, model, stage_s)
         except Exception as e:
+            logger.exception("frame %d: judging failed", frame.seq)
             self.metrics.error("inference")
-            error = f"scoring failed: {type(e).__name__}: {e}"
-            self._log_error("frame %d: %s", frame.seq, error)
-            total = grid.count if grid is not None else 0
-            decision = Decision(True, float("nan"), None, 0, total, error)
-        else:
-            decision = decide(grid, scores, scorer.threshold, model.counted_for(grid))
-            if decision.error:
-                self.metrics.error("inference")
-                self._log_error("frame %d: %s", frame.seq, decision.error)
-        now = time.perf_counter()
-        stage_s["decision"], t = now - t, now
-        heatmap = self._heatmap(frame, grid, scores, scorer.threshold, decision)
-        if heatmap is not None:
-            now = time.perf_counter()
-            stage_s["encode"], t = now - t, now
-        verdict = self._verdict(frame, scorer, decision, stage_s, heatmap is not None)
+            decision = failed(f"internal error: {type(e).__name__}: {e}", "internal")
+            verdict = document(frame, model.scorer, decision, self.station, self.boot_id, stage_s, False)
+            heatmap = None
+        t = time.perf_counter()
         if self.publisher is not None:
             self.publisher.publish_verdict(verdict, heatmap)
         stage_s["publish"] = time.perf_counter() - t
         self.metrics.stages(stage_s)
-        self.metrics.frame_result(decision.result)
-        if math.isfinite(decision.score):
+        self.metrics.frame_result(decision.result, decision.reason)
+        if math.isfinite(decision.score) and decision.error is None:
             self.metrics.image_score(decision.score)
         self.inspected += 1
         if frame.trigger is not None:
@@ -493,7 +465,45 @@ class Pipeline:
             self.on_verdict(verdict)
         return verdict
 
-    def _heatmap(self, frame: Frame, grid: PatchGrid | None, scores: np.ndarray | None, threshold: float,
+    def _judge(self, frame: Frame, model: Model, stage_s: dict[str, float]) -> tuple[dict[str, Any], bytes | None,
+                                                                                       Decision]:
+        scorer = model.scorer
+        stage_s["queue"] = max(0.0, time.time() - frame.captured_at)  # captured_at is stamped after the read
+        grid: PatchGrid | None = None
+        scores: np.ndarray | None = None
+        t = time.perf_counter()
+        try:
+            if frame.error is not None:
+                raise _Unjudgeable(frame.error)
+            grid, patches = scorer.patches(frame.image)
+            now = time.perf_counter()
+            stage_s["preprocess"], t = now - t, now
+            scores = scorer.score_frame(grid, patches)
+            now = time.perf_counter()
+            stage_s["inference"], t = now - t, now
+            self.metrics.patches_scored(len(scores))
+        except _Unjudgeable as e:
+            decision = failed(str(e), frame.error_reason or "unreadable")
+        except Exception as e:
+            self.metrics.error("inference")
+            error = f"scoring failed: {type(e).__name__}: {e}"
+            self._log_error("frame %d: %s", frame.seq, error)
+            decision = failed(error, "scoring", grid.count if grid is not None else 0)
+        else:
+            decision = decide(grid, scores, scorer.threshold, model.counted_for(grid), scorer.low)
+            if decision.error:
+                if decision.reason == "scoring":
+                    self.metrics.error("inference")
+                self._log_error("frame %d: %s", frame.seq, decision.error)
+        now = time.perf_counter()
+        stage_s["decision"], t = now - t, now
+        heatmap = self._heatmap(frame, grid, scores, scorer, decision)
+        if heatmap is not None:
+            stage_s["encode"] = time.perf_counter() - t
+        verdict = document(frame, scorer, decision, self.station, self.boot_id, stage_s, heatmap is not None)
+        return verdict, heatmap, decision
+
+    def _heatmap(self, frame: Frame, grid: PatchGrid | None, scores: np.ndarray | None, scorer: Scorer,
                  decision: Decision) -> bytes | None:
         policy = self.config.mqtt.heatmap
         if grid is None or scores is None or decision.error or policy == "never":
@@ -501,7 +511,8 @@ class Pipeline:
         if policy == "ng" and decision.result != "NG":
             return None
         try:
-            image = overlay(frame.image, grid, scores, threshold, decision)
+            image = overlay(frame.image, grid, scores, scorer.threshold, decision,
+                            good_image_scores=scorer.good_image_scores)
             ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.config.mqtt.heatmap_quality])
             if not ok:
                 raise ValueError("cv2.imencode returned False")
@@ -510,35 +521,6 @@ class Pipeline:
             self._log_error("frame %d: heatmap not rendered: %s", frame.seq, e)
             return None
         return buf.tobytes()
-
-    def _verdict(self, frame: Frame, scorer: Scorer, d: Decision, stage_s: dict[str, float],
-                 heatmap: bool) -> dict[str, Any]:
-        trig = frame.trigger
-        error = d.error is not None
-        return {
-            "version": VERDICT_VERSION,
-            "station": self.station,
-            "seq": frame.seq,
-            "message_id": f"{self.station}:{self.boot_id}:{frame.seq}",
-            "captured_at": frame.captured_at,
-            "part_id": trig.part_id if trig else None,
-            "trigger_id": trig.trigger_id if trig else None,
-            "recipe": trig.recipe if trig else None,
-            "job_id": trig.job_id if trig else None,
-            "result": d.result,
-            "anomalous": d.anomalous,
-            "score": None if error else _finite(d.score),
-            "threshold": scorer.threshold,
-            "score_name": scorer.score_name,
-            "worst_patch": None if error else _box(d.worst_box),
-            "patches_over_threshold": d.patches_over,
-            "patches_total": d.patches_total,
-            "error": d.error,
-            "model": {"id": scorer.model_id, "checksum": scorer.checksum},
-            "latency_s": {k: round(v, 6) for k, v in stage_s.items()},
-            "heatmap": heatmap,
-            "frame_age_s": None if frame.frame_age_s is None else round(frame.frame_age_s, 6),
-        }
 
     def _retain(self, frame: Frame, verdict: dict[str, Any]) -> None:
         if self.retention is None or not self.retention.wants(verdict["result"]):

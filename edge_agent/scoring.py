@@ -193,12 +193,16 @@ class Scorer:
         self.score_name = score_name or card["scores"]["default"]
         if self.score_name not in names:
             raise ConfigError(f"score {self.score_name!r} is not in {self.path.name}; choose one of: {', '.join(names)}")
+        entry = card.get("thresholds", {}).get(self.score_name)
         if threshold is None:
-            entry = card.get("thresholds", {}).get(self.score_name)
             if entry is None:
                 raise ModelError(f"{self.path} has no threshold for score {self.score_name!r}; run `edge-agent calibrate`")
             threshold = float(entry["value"])
         self.threshold = float(threshold)
+        # The low end of good image scores (calibrate.low_bound); None in cards written before it existed.
+        low = ((entry or {}).get("low") or {}).get("value")
+        self.low: float | None = float(low) if low is not None else None
+        self.good_image_scores: dict[str, float] | None = (entry or {}).get("good_image_scores")
         if card["scores"].get("precision") == "fp32" and self.dtype != torch.float32:
             logger.info("model %s scores in fp32 only (card scores.precision); ignoring precision %s", self.path.name,
                         precision)

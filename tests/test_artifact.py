@@ -126,3 +126,28 @@ def test_written_model_is_readable_by_the_service_user(saved):
     path.chmod(0o640)
     artifact.update_card(path, lambda c: {**c, "note": "y"})
     assert path.stat().st_mode & 0o777 == 0o640  # a rewrite keeps the mode the operator chose
+
+
+def test_load_reads_the_file_once_and_torch_loads_the_verified_bytes(saved, monkeypatch):
+    import builtins
+    import io as io_module
+
+    import torch
+
+    _, path = saved
+    opened = []
+    real_open = builtins.open
+
+    def counting(file, *a, **kw):
+        if str(file) == str(path):
+            opened.append(file)
+        return real_open(file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", counting)
+    monkeypatch.setattr(io_module, "open", lambda file, *a, **kw: counting(file, *a, **kw))
+    given = []
+    real_jit_load = torch.jit.load
+    monkeypatch.setattr(torch.jit, "load", lambda f, *a, **kw: given.append(f) or real_jit_load(f, *a, **kw))
+    artifact.load(path)
+    assert len(opened) == 1, "one read: an atomic replace between verify and load cannot pair two files"
+    assert len(given) == 1 and isinstance(given[0], io.BytesIO), "torch loads the verified bytes, not the path"

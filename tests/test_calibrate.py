@@ -316,3 +316,89 @@ def test_ignore_mask_in_the_card_changes_the_verdict(capsys, model, station, tmp
     from edge_agent.daemon import load_model
 
     assert np.array_equal(load_model(ModelConfig(path=model, device="cpu"), warmup=False).ignore_mask, mask)
+
+
+# --- two-sided scores: the low end of good scores --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("good", [
+    np.linspace(400.0, 740.0, 50),  # m: positive
+    -np.linspace(4000.0, 4800.0, 50),  # elbo: negative
+    np.full(10, 3.0),  # all equal
+    np.array([-0.5]),  # one image
+])
+def test_low_bound_is_under_every_good_score_whatever_the_sign(good):
+    from edge_agent.calibrate import low_bound
+
+    low = low_bound(good)
+    assert low["value"] < good.min() and low["min"] == good.min() and low["method"] == "min-minus-spread"
+    assert "does not look like this station" in low["description"]
+
+
+@pytest.mark.parametrize("good, blank", [
+    (np.linspace(8.9, 11.8, 8), 0.39),  # GMM m: a test image at 6.27 is still a part
+    (np.linspace(56.3, 80.0, 8), 8.4),  # the tiny VAE's m
+    (-np.linspace(1500.0, 990.0, 50), -2984.0),  # the demo VAE's elbo: negative
+])
+def test_low_bound_sits_a_third_of_the_way_from_a_blank_frame_to_the_good_parts(good, blank):
+    from edge_agent.calibrate import low_bound
+
+    low = low_bound(good, blank)
+    assert low["method"] == "blank-third" and blank < low["value"] < good.min()
+    assert low["value"] == pytest.approx(blank + (good.min() - blank) / 3)
+    # A floor above the good scores (a score where flat frames look anomalous), or within two spreads of
+    # them (the score cannot tell a blank frame from a part), says nothing: the spread rule.
+    spread = float(np.quantile(good, 0.9) - np.quantile(good, 0.1))
+    for useless in (float(good.max()) + 1, float(good.min()) - spread):
+        fallback = low_bound(good, useless)
+        assert fallback["method"] == "min-minus-spread" and fallback["value"] == pytest.approx(good.min() - 3 * spread)
+
+
+def test_calibrate_and_train_record_the_low_bound_and_the_daemon_reads_it(capsys, model, station):
+    trained = artifact.verify(model)["thresholds"]["m"]
+    assert trained["low"]["value"] < trained["value"]  # train (set_training_thresholds) writes it too
+    assert trained["low"]["method"] == "blank-third" and trained["low"]["blank_score"] < trained["low"]["value"]
+    code, out, _ = run_cli(capsys, "calibrate", model, "--good", station / "calib/good", "-q")
+    assert code == 0 and "low bound" in out
+    card = artifact.verify(model)
+    entry = card["thresholds"][card["scores"]["default"]]  # calibrate sets the card's default score
+    assert entry["low"]["value"] < entry["low"]["min"] and entry["low"]["n_good"] == entry["n_good"]
+    assert Scorer(model, device="cpu", warmup=False).low == entry["low"]["value"]
+
+
+def test_a_card_without_a_low_bound_still_loads_and_judges(model):
+    artifact.update_card(model, lambda c: {**c, "thresholds": {k: {kk: vv for kk, vv in v.items() if kk != "low"}
+                                                               for k, v in c["thresholds"].items()}})
+    scorer = Scorer(model, device="cpu", warmup=False)
+    assert scorer.low is None and scorer.threshold > 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_calibrate_keeps_the_model_files_owner_group_and_mode(capsys, model, station):
+    os.chown(model, 4321, 8765)
+    model.chmod(0o640)
+    code, _, err = run_cli(capsys, "calibrate", model, "--good", station / "calib/good", "-q")
+    assert code == 0, err
+    st = model.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (4321, 8765, 0o640)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_a_model_the_user_may_not_read_says_permission_not_truncated(model):
+    import tempfile
+
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    with tempfile.TemporaryDirectory() as folder:  # in /tmp: a folder chain user nobody may enter
+        Path(folder).chmod(0o755)
+        readable_dir = Path(folder) / "m.pt"
+        shutil.copy(model, readable_dir)
+        for target in (readable_dir, model):  # the file itself 0600; a model under pytest's 0700 folder
+            target.chmod(0o600)
+            config = Path(folder) / "station.toml"  # what the service user meets: check-config, run
+            config.write_text(f'[model]\npath = "{target}"\n[source]\nuri = "x.avi"\n[mqtt]\nhost = "b"\n')
+            config.chmod(0o644)
+            for argv in (["info", str(target)], ["check-config", str(config)]):
+                done = subprocess.run([*nobody, sys.executable, "-m", "edge_agent.cli", *argv], capture_output=True,
+                                      text=True, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+                assert done.returncode == 2 and "Traceback" not in done.stderr and "internal" not in done.stderr
+                assert "permission" in done.stderr and "truncated" not in done.stderr, done.stderr

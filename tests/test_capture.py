@@ -161,7 +161,7 @@ def test_folder_replay_counts_corrupt_file(tmp_path, caplog, loop):
     assert [-1 if isinstance(f, str) else f for f in run.frames[: 4 * passes]] == [0, 1, -1, 2] * passes
     assert all("001b.jpg" in f for f in run.frames[2 : 4 * passes : 4])
     assert run.capture.counts["bad_frame"] >= passes
-    assert run.sample("edge_agent_dropped_total", reason="bad_frame") == run.capture.counts["bad_frame"]
+    assert run.sample("edge_agent_bad_frames_total", reason="bad_frame") == run.capture.counts["bad_frame"]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "001b.jpg" in r.getMessage()]
     assert len(warnings) == 1  # once, even when the loop meets the file again
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent import artifact
 from edge_agent.cli import main
 
 
@@ -164,3 +165,44 @@ def test_evaluate_several_models_takes_the_scores_each_has(capsys, vae_model, ae
     code, _, err = run(capsys, "evaluate", vae_model, "--score", "l2", "--good", station / "test/good", "--defect",
                        station / "test/defect")
     assert_one_line_error(code, err, "'l2'", "vae.pt")
+
+
+def test_score_json_never_prints_nan(capsys, tmp_path, vae_model, station):
+    from tests.daemon_helpers import planted_model
+
+    nan_model = planted_model(vae_model, tmp_path / "nan.pt", nan=True)
+    code, out, _ = run(capsys, "score", nan_model, station / "test/good/0000.png", "--json", "--score", "m")
+    assert code == 1
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    row = json.loads(out, parse_constant=refuse)
+    assert row["result"] == "ERROR" and row["score"] is None and row["error_reason"] == "scoring"
+
+
+def test_score_and_evaluate_with_the_station_config_judge_as_the_station(capsys, tmp_path, vae_model, station):
+    import cv2
+    import numpy as np
+
+    mask = np.full((128, 128), 255, np.uint8)
+    mask[:, 64:] = 0  # the station ignores the right half
+    cv2.imwrite(str(tmp_path / "mask.png"), mask)
+    config = tmp_path / "station.toml"
+    config.write_text(f'[model]\npath = "{vae_model}"\nscore = "elbo"\nthreshold = 12345.5\nprecision = "fp32"\n'
+                      f'ignore_mask = "mask.png"\ndevice = "cpu"\n[source]\nuri = "x.avi"\n[mqtt]\nhost = "broker"\n')
+    image = station / "test/defect/0000.png"
+    code, out, err = run(capsys, "score", "--config", config, image, "--json")
+    row = json.loads(out)
+    assert (row["score_name"], row["threshold"]) == ("elbo", 12345.5), err
+    assert row["worst_patch"]["x"] + row["worst_patch"]["w"] <= 64 + 16, "the station's mask: right half ignored"
+    code, plain, _ = run(capsys, "score", vae_model, image, "--json")
+    assert json.loads(plain)["score_name"] == artifact.verify(vae_model)["scores"]["default"] != "elbo"
+    code, out, err = run(capsys, "evaluate", "--config", config, "--good", station / "test/good", "--defect",
+                         station / "test/defect", "--report", tmp_path / "r", "-q")
+    assert code == 0, err
+    report = json.loads((tmp_path / "r/report.json").read_text())
+    assert list(report["models"][0]["scores"]) == ["elbo"]
+    assert report["models"][0]["scores"]["elbo"]["at_card_threshold"]["threshold"] == 12345.5
+    code, _, err = run(capsys, "score", "--config", config, vae_model, image)
+    assert_one_line_error(code, err, "leave", "out")

@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from edge_agent.broker import free_port
 from edge_agent.config import Config, load_config
+from edge_agent.errors import ConfigError
 from edge_agent.synth import make_part
 
 ROOT = Path(__file__).parent.parent
@@ -151,9 +152,10 @@ def stop_daemon(proc: subprocess.Popen) -> tuple[int, str, str]:
 @pytest.mark.parametrize("subscriber", ["5"], indirect=True)
 def test_one_verdict_per_frame_and_the_defect_is_ng_with_its_heatmap(tmp_path, vae_model, mosquitto, subscriber):
     video = station_video(tmp_path / "parts.avi", 6, defective={3})
-    config = write_config(tmp_path, vae_model, video, mosquitto.port, protocol="5")
-    done = subprocess.run(agent("run", str(config), "--print-verdicts"), env=env(), capture_output=True, text=True,
-                          timeout=60)
+    config = write_config(tmp_path, vae_model, video, mosquitto.port)
+    # --set as anyone would type it: 5, not "5" (a value valid for its field as a string is accepted).
+    done = subprocess.run(agent("run", str(config), "--print-verdicts", "--set", "mqtt.protocol=5"), env=env(),
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     verdicts = [json.loads(m.payload) for m in subscriber.wait_for("verdict", 6)]
@@ -303,12 +305,12 @@ def test_config_example_documents_every_key_and_loads():
         assert field.description and field.description.split(";")[0] in text, f"{key}: description missing"
     config = load_config(path)
     assert config.inspection.mode == "free-run"
-    assert tomllib.loads(text)["mqtt"]["host"] == ""
+    assert config.mqtt.host and not config.mqtt.embedded, "a station names its broker; the embedded one is a choice"
 
 
 def test_demo_config_loads():
     config = load_config(ROOT / "deploy" / "demo.toml")
-    assert config.station.id == "demo" and config.mqtt.host == "" and config.source.loop
+    assert config.station.id == "demo" and config.mqtt.host == "" and config.mqtt.embedded and config.source.loop
     assert config.model.path.resolve() == (ROOT / "models" / "demo-vae.pt").resolve()
     assert config.metrics.port == 9108 and config.metrics.bind == "127.0.0.1"
 
@@ -343,3 +345,32 @@ def test_sighup_reload_swaps_model_and_threshold_and_keeps_the_old_on_a_bad_file
     assert metrics.registry.get_sample_value("edge_agent_model_info", {
         "model_id": "vae", "checksum": before.scorer.checksum, "score_name": before.scorer.score_name,
         "threshold": "50.0", "device": "cpu", "precision": "float32"}) == 1
+
+
+def test_set_takes_a_value_valid_for_its_field_as_a_string(tmp_path, vae_model):
+    config = write_config(tmp_path, vae_model, tmp_path / "parts.avi", 1883)
+    loaded = load_config(config, ["mqtt.protocol=5", "station.id=42", "mqtt.port=1884", "model.threshold=0.5"])
+    assert (loaded.mqtt.protocol, loaded.station.id, loaded.mqtt.port, loaded.model.threshold) == ("5", "42", 1884, 0.5)
+    with pytest.raises(ConfigError, match="mqtt.protocol = '4'"):
+        load_config(config, ["mqtt.protocol=4"])
+
+
+@pytest.mark.parametrize("mqtt, needle", [("", "mqtt.host is empty"), ('host = ""', "mqtt.host is empty"),
+                                          ('host = "b"\nembedded = true', "contradict")])
+def test_a_station_config_without_a_broker_is_a_config_error(tmp_path, mqtt, needle):
+    path = tmp_path / "station.toml"
+    path.write_text(f'[source]\nuri = "x.avi"\n' + (f"[mqtt]\n{mqtt}\n" if mqtt else ""))
+    done = subprocess.run(agent("check-config", str(path)), env=env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and needle in done.stderr and "embedded" in done.stderr
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs git and a checkout")
+def test_the_readmes_check_config_of_the_example_exits_0_in_a_fresh_clone(tmp_path):
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(ROOT), str(clone)], check=True, timeout=120)
+    readme = (clone / "README.md").read_text()
+    assert "edge-agent check-config deploy/config.example.toml" in readme
+    done = subprocess.run(agent("check-config", "deploy/config.example.toml"), cwd=clone, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

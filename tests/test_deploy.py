@@ -55,13 +55,13 @@ def staged(tmp_path_factory) -> Path:
 def test_password_file_expands_the_credentials_directory(tmp_path, monkeypatch):
     (tmp_path / "mqtt-password").write_text("s3cret\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
-    cfg = MqttConfig(username="st1", password_file="${CREDENTIALS_DIRECTORY}/mqtt-password")
+    cfg = MqttConfig(host="broker", username="st1", password_file="${CREDENTIALS_DIRECTORY}/mqtt-password")
     assert cfg.password() == "s3cret"
 
 
 def test_password_file_with_an_unset_variable_names_the_fix(monkeypatch):
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    cfg = MqttConfig(username="st1", password_file="${CREDENTIALS_DIRECTORY}/mqtt-password")
+    cfg = MqttConfig(host="broker", username="st1", password_file="${CREDENTIALS_DIRECTORY}/mqtt-password")
     with pytest.raises(ConfigError, match="LoadCredential"):
         cfg.password()
 
@@ -350,7 +350,7 @@ def test_installed_daemon_runs_the_installed_config_against_a_real_broker(tmp_pa
     # What a station engineer edits: who the station is and where the plant broker is.
     config = etc / "station.toml"
     text = config.read_text()
-    for old, new in (('id = "station-1"', 'id = "st1"'), ('host = ""', 'host = "127.0.0.1"'),
+    for old, new in (('id = "station-1"', 'id = "st1"'), ('host = "127.0.0.1"', 'host = "127.0.0.1"'),
                      ("port = 1883", f"port = {mosquitto.port}"), ('username = ""', 'username = "st1"'),
                      ("# password_file = (unset by default)",
                       'password_file = "${CREDENTIALS_DIRECTORY}/mqtt-password"'),

@@ -8,6 +8,7 @@ import ast
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 import zipfile
@@ -163,7 +164,7 @@ def test_camera_gone_and_back_reconnects_and_judges_no_frame_twice(tmp_path, vae
     metrics_port = free_port()
     config = write_config(tmp_path, vae_model, video, free_port(), metrics_port=metrics_port, loop=True, fps=20)
     agent = RunningAgent(config, "--set", "source.reconnect_min_s=0.1", "--set", "source.reconnect_max_s=0.4",
-                         "--set", "mqtt.host=")  # embedded broker: only the camera is at fault here
+                         "--set", "mqtt.host=", "--set", "mqtt.embedded=true")  # embedded broker: only the camera is at fault here
     hidden = tmp_path / "unplugged.avi"
     try:
         agent.wait_printed(3)
@@ -204,7 +205,7 @@ def test_corrupt_and_wrong_size_frames_get_error_verdicts_and_the_agent_goes_on(
     config = write_config(tmp_path, vae_model, tmp_path / "unused.avi", free_port(), metrics_port=metrics_port,
                           loop=True, fps=20)
     agent = RunningAgent(config, "--set", "source.kind=folder", "--set", f"source.uri={folder}",
-                         "--set", "mqtt.host=")
+                         "--set", "mqtt.host=", "--set", "mqtt.embedded=true")
     try:
         agent.wait_printed(6 * 3)  # three passes over the folder
         text = scrape(metrics_port)
@@ -219,13 +220,17 @@ def test_corrupt_and_wrong_size_frames_get_error_verdicts_and_the_agent_goes_on(
     assert all(by_position[i] <= {"OK", "NG"} for i in range(3)), "the good frames are still judged"
     errors = [line for _, result, line in printed if result == "ERROR"]
     assert sum("unreadable frame" in e for e in errors) == 2 * sum("does not fit" in e for e in errors)
-    bad, wrong = (metric(text, f'edge_agent_dropped_total{{reason="{r}"}}') for r in ("bad_frame", "wrong_size"))
+    bad, wrong = (metric(text, f'edge_agent_bad_frames_total{{reason="{r}"}}') for r in ("bad_frame", "wrong_size"))
     assert bad >= 4 and wrong >= 2
     assert metric(text, 'edge_agent_frames_total{result="ERROR"}') >= bad + wrong - 3  # scrape raced a frame or so
+    assert metric(text, 'edge_agent_error_verdicts_total{reason="unreadable"}') >= bad - 2
+    assert metric(text, 'edge_agent_error_verdicts_total{reason="wrong_size"}') >= wrong - 1
+    assert not re.search(r'^edge_agent_dropped_total\{reason="(bad_frame|wrong_size)"\}', text, re.M), \
+        "a frame with a verdict is no drop"
     assert "Traceback" not in agent.stderr
     print(f"\nFAULT corrupt_frames: {len(printed)} verdicts, {len(errors)} ERROR "
           f"(truncated + garbage PNGs: {sum('unreadable' in e for e in errors)}, 96x96 frames: "
-          f"{sum('does not fit' in e for e in errors)}), 0 OK among them; scrape: dropped bad_frame {bad:g}, "
+          f"{sum('does not fit' in e for e in errors)}), 0 OK among them; scrape: bad_frames bad_frame {bad:g}, "
           f"wrong_size {wrong:g}")
 
 
@@ -238,7 +243,7 @@ def test_a_model_returning_nan_gives_error_verdicts_never_ok(tmp_path, vae_model
     nan_model = planted_model(vae_model, tmp_path / "nan.pt", nan=True)
     config = write_config(tmp_path, nan_model, tmp_path / "unused.avi", free_port())
     agent = RunningAgent(config, "--set", "source.kind=folder", "--set", f"source.uri={folder}",
-                         "--set", "mqtt.host=", "--set", "outbox.flush_timeout_s=5")
+                         "--set", "mqtt.host=", "--set", "mqtt.embedded=true", "--set", "outbox.flush_timeout_s=5")
     rc = agent.wait()  # a non-looping folder ends the run by itself
     assert rc == 0, agent.stderr
     results = [r for _, r, _ in agent.printed()]
@@ -498,7 +503,10 @@ def test_models_are_checksum_verified_before_torch_reads_them():
     tree = ast.parse((ROOT / "edge_agent" / "artifact.py").read_text())
     load = next(f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == "load")
     calls = [ast.unparse(c.func) for c in ast.walk(load) if isinstance(c, ast.Call)]
-    assert calls.index("verify") < calls.index("torch.jit.load")
+    assert calls.index("read_bytes") < calls.index("verify_bytes") < calls.index("torch.jit.load")
+    assert "path" not in ast.unparse(next(c for c in ast.walk(load) if isinstance(c, ast.Call)
+                                          and ast.unparse(c.func) == "torch.jit.load").args[0]), \
+        "torch loads the verified bytes, not the path again"
     jit_loads = [p for p in (ROOT / "edge_agent").rglob("*.py") if "jit.load(" in p.read_text()]
     assert jit_loads == [ROOT / "edge_agent" / "artifact.py"], "only artifact.load reads model files"
 
@@ -508,14 +516,14 @@ def test_models_are_checksum_verified_before_torch_reads_them():
                                              ("st1", "edge/"), ("st1", "#"), ("st1", "")])
 def test_topic_levels_from_config_are_validated(tmp_path, station, prefix):
     path = tmp_path / "c.toml"
-    path.write_text(f'[station]\nid = "{station}"\n[source]\nuri = "x.avi"\n[mqtt]\nprefix = "{prefix}"\n')
+    path.write_text(f'[station]\nid = "{station}"\n[source]\nuri = "x.avi"\n[mqtt]\nhost = "b"\nprefix = "{prefix}"\n')
     with pytest.raises(ConfigError, match="station.id|mqtt.prefix"):
         load_config(path)
 
 
 def test_valid_topic_levels_are_accepted(tmp_path):
     path = tmp_path / "c.toml"
-    path.write_text('[station]\nid = "line-3_st1"\n[source]\nuri = "x.avi"\n[mqtt]\nprefix = "plant/edge-agent"\n')
+    path.write_text('[station]\nid = "line-3_st1"\n[source]\nuri = "x.avi"\n[mqtt]\nhost = "b"\nprefix = "plant/edge-agent"\n')
     assert load_config(path).mqtt.prefix == "plant/edge-agent"
 
 
@@ -552,3 +560,56 @@ def test_tls_is_verified_by_default_and_client_certificates_are_passed(tmp_path,
     assert (calls["certfile"], calls["keyfile"]) == (str(tmp_path / "c.pem"), str(tmp_path / "c.key"))
     assert pub.client._username == b"agent" and pub.client._password == b"s3cret-Pa55"
     assert "s3cret" not in repr(config), "the config holds where the secret is, not the secret"
+
+
+# 6. A bug between scoring and publishing
+
+
+FAULTY_DECIDE = '''
+import edge_agent.verdict as verdict
+
+_real, _calls = verdict.decide, []
+
+
+def decide(*args, **kwargs):
+    _calls.append(1)
+    if len(_calls) == 2:
+        raise RuntimeError("planted fault in decide")
+    return _real(*args, **kwargs)
+
+
+verdict.decide = decide
+'''
+
+
+@needs_mosquitto
+@pytest.mark.integration
+def test_an_exception_in_decide_still_answers_the_triggered_plc_with_an_error_verdict(tmp_path, vae_model,
+                                                                                      mosquitto):
+    from tests.test_daemon import Subscriber, agent, env
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAULTY_DECIDE)  # the real daemon, with decide() failing once
+    video = station_video(tmp_path / "parts.avi", 3)
+    config = write_config(tmp_path, vae_model, video, mosquitto.port, mode="triggered", loop=True, fps=20)
+    subscriber = Subscriber(mosquitto.port)
+    proc = subprocess.Popen(agent("run", str(config)), env=dict(env(), PYTHONPATH=f"{hook}:{ROOT}"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert subscriber.wait_for("status", 1)[-1].payload == b"online"
+        for i in range(3):
+            subscriber.client.publish("edge-agent/st1/trigger", f'{{"part_id": "P{i}", "trigger_id": "T{i}"}}', qos=1)
+            subscriber.wait_for("verdict", i + 1)  # each PLC waits for its answer before the next part
+        verdicts = subscriber.verdicts()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        subscriber.close()
+    assert proc.returncode == 0, err
+    assert [(v["trigger_id"], v["result"]) for v in verdicts] == [("T0", "OK"), ("T1", "ERROR"), ("T2", "OK")]
+    assert verdicts[1]["error_reason"] == "internal" and "planted fault in decide" in verdicts[1]["error"]
+    for v in verdicts:
+        validate(v)
+    assert "planted fault in decide" in err
+    print(f"\nFAULT decide_raises: 3 triggers, 3 verdicts: {[v['result'] for v in verdicts]}")

@@ -1,11 +1,13 @@
 import shutil
 import subprocess
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from edge_agent.metrics import DROP_REASONS, STAGES, Metrics, score_buckets
+from edge_agent.verdict import ERROR_REASONS
 
 
 @pytest.fixture
@@ -23,7 +25,11 @@ def value(m: Metrics, name: str, **labels) -> float | None:
         (lambda m: m.camera_up(True), "edge_agent_camera_up", {}, 1.0),
         (lambda m: (m.camera_up(True), m.camera_up(False)), "edge_agent_camera_up", {}, 0.0),
         (lambda m: m.camera_reconnect(), "edge_agent_camera_reconnects_total", {}, 1.0),
-        (lambda m: m.frame_rejected("wrong_size"), "edge_agent_dropped_total", {"reason": "wrong_size"}, 1.0),
+        (lambda m: m.frame_rejected("wrong_size"), "edge_agent_bad_frames_total", {"reason": "wrong_size"}, 1.0),
+        (lambda m: m.frame_rejected("bad_frame"), "edge_agent_dropped_total", {"reason": "bad_frame"}, None),
+        (lambda m: m.frame_result("ERROR", "uniform"), "edge_agent_error_verdicts_total", {"reason": "uniform"}, 1.0),
+        (lambda m: m.frame_result("ERROR", "uniform"), "edge_agent_frames_total", {"result": "ERROR"}, 1.0),
+        (lambda m: m.frame_result("NG"), "edge_agent_error_verdicts_total", {"reason": "internal"}, 0.0),
         (lambda m: m.dropped("queue_full"), "edge_agent_dropped_total", {"reason": "queue_full"}, 1.0),
         (lambda m: m.dropped("verdict_outbox_full"), "edge_agent_dropped_total", {"reason": "verdict_outbox_full"}, 1.0),
         (lambda m: m.broker_connected(True), "edge_agent_broker_connected", {}, 1.0),
@@ -58,6 +64,8 @@ def test_known_label_values_exist_at_zero(metrics):
         assert value(metrics, "edge_agent_dropped_total", reason=reason) == 0.0
     for result in ("OK", "NG", "ERROR"):
         assert value(metrics, "edge_agent_frames_total", result=result) == 0.0
+    for reason in ERROR_REASONS:
+        assert value(metrics, "edge_agent_error_verdicts_total", reason=reason) == 0.0
 
 
 def test_model_info(metrics):
@@ -79,13 +87,36 @@ def test_calibration_exports_threshold_and_good_score_quantiles(metrics):
 
 @pytest.mark.parametrize(
     "threshold, expected_in, lowest, highest",
-    [(0.5, 0.5, 0.05, 1.5), (2.0, 2.0, 0.2, 6.0), (None, 1.0, 0.001, 1000.0), (-3.0, 1.0, 0.001, 1000.0)],
+    [(0.5, 0.5, 0.05, 1.5), (2.0, 2.0, 0.2, 6.0), (None, 1.0, 0.001, 1000.0), (-4.0, -4.0, -7.6, 4.0)],
 )
 def test_score_buckets_bracket_threshold(threshold, expected_in, lowest, highest):
     buckets = score_buckets(threshold)
     assert list(buckets) == sorted(set(buckets))
     assert expected_in in buckets
     assert buckets[0] == lowest and buckets[-1] == highest
+
+
+@pytest.mark.parametrize("threshold, good", [
+    (737.0, {"p50": 420.0, "p90": 560.0, "p99": 700.0, "max": 730.0}),  # m: positive scores
+    (-4000.0, {"p50": -4600.0, "p90": -4300.0, "p99": -4100.0, "max": -4050.0}),  # elbo: negative
+    (-12.5, {"p50": -40.0, "p90": -25.0, "p99": -15.0, "max": -13.0}),  # GMM nll: negative
+])
+def test_score_buckets_from_the_cards_good_scores_resolve_the_drift_alert_for_any_sign(threshold, good):
+    buckets = score_buckets(threshold, good)
+    assert list(buckets) == sorted(set(buckets))
+    for stat in ("p50", "p90", "p99", "max"):
+        assert good[stat] in buckets, stat  # the drift alert compares the median against p99 exactly
+    assert threshold in buckets
+    # The good scores spread over several buckets, not one: a median can move between them.
+    inside = [b for b in buckets if good["p50"] - (threshold - good["p50"]) <= b <= threshold]
+    assert len(inside) >= 8
+    # A drifted median (halfway between p99 and the threshold) is told apart from the calibrated p99.
+    m = Metrics(CollectorRegistry(), threshold=threshold, good_image_scores=good)
+    drifted = (good["p99"] + threshold) / 2
+    for _ in range(10):
+        m.image_score(drifted)
+    assert value(m, "edge_agent_image_score_bucket", le=repr(float(good["p99"]))) == 0.0
+    assert value(m, "edge_agent_image_score_bucket", le=repr(float(threshold))) == 10.0
 
 
 def test_registries_are_independent():
@@ -116,3 +147,51 @@ def test_serve_scrape_and_promtool(metrics, tmp_path):
     # promtool exits 0 when clean; lint remarks (if any) are printed, and we want none.
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.strip() == "" and check.stderr.strip() == "", check.stdout + check.stderr
+
+
+@pytest.mark.parametrize("threshold, good", [
+    (737.0, {"p50": 557.0, "p90": 613.5, "p99": 675.0, "max": 737.0}),  # the demo VAE's m
+    (-4000.0, {"p50": -4600.0, "p90": -4300.0, "p99": -4100.0, "max": -4050.0}),  # elbo
+    (-12.5, {"p50": -40.0, "p90": -25.0, "p99": -15.0, "max": -13.0}),  # GMM nll
+])
+def test_the_drift_alert_fires_on_the_buckets_the_daemon_exports_for_any_score(tmp_path, threshold, good):
+    """promtool evaluates the real alerts.yml on histograms built from score_buckets: a station whose
+    scores drifted between the calibrated p99 and the threshold fires, one at the good median does not."""
+    import json
+
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool not installed")
+    buckets = [*score_buckets(threshold, good), float("inf")]
+    drifted = (good["p99"] + threshold) / 2
+    series = []
+    for station, value in (("st1", drifted), ("st2", good["p50"])):
+        labels = f'job="edge-agent", instance="{station}:9108", station="{station}"'
+        series.append({"series": f'edge_agent_good_image_score{{{labels}, stat="p99"}}', "values": f"{good['p99']}x60"})
+        for le in buckets:
+            bound = "+Inf" if le == float("inf") else repr(le)
+            series.append({"series": f'edge_agent_image_score_bucket{{{labels}, le="{bound}"}}',
+                           "values": "0+10x60" if value <= le else "0x60"})
+    upper = next(le for le in buckets if drifted <= le)
+    lower = max([le for le in buckets if le < upper], default=0.0)
+    median = lower + (upper - lower) * 0.5  # every observation in one bucket: histogram_quantile interpolates
+    assert median > good["p99"]
+    value = repr(median).removesuffix(".0")
+    root = Path(__file__).parent.parent
+    tests = {
+        "rule_files": [str(root / "deploy/prometheus/alerts.yml")],
+        "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "alert_rule_test": [{
+            "eval_time": "45m", "alertname": "EdgeAgentImageScoreDrift",
+            "exp_alerts": [{"exp_labels": {"severity": "warning", "job": "edge-agent", "instance": "st1:9108",
+                                           "station": "st1"},
+                            "exp_annotations": {
+                                "summary": "Image scores on st1 drifted above the calibration distribution",
+                                "description": f"Median image score over 1 h is {value}, above the calibrated p99 of "
+                                               "good parts: lighting, focus, camera position or the parts changed; "
+                                               "verdicts will soon flip to NG.",
+                                "runbook": "docs/OPERATIONS.md#edgeagentimagescoredrift"}}]}]}],
+    }
+    (tmp_path / "drift_test.yml").write_text(json.dumps(tests, indent=1))  # JSON is YAML
+    done = subprocess.run(["promtool", "test", "rules", "drift_test.yml"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr

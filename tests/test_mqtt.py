@@ -43,6 +43,7 @@ def sample_verdict(seq: int = 1, **changes) -> dict:
         "patches_over_threshold": 3,
         "patches_total": 120,
         "error": None,
+        "error_reason": None,
         "model": {"id": "demo-vae", "checksum": "sha256:abc"},
         "latency_s": {"capture": 0.001, "inference": 0.02},
         "heatmap": False,
@@ -57,7 +58,8 @@ def sample_verdict(seq: int = 1, **changes) -> dict:
 def test_schema_accepts_sample_verdicts():
     validate_verdict(sample_verdict())
     validate_verdict(sample_verdict(result="OK", anomalous=False, part_id=None, trigger_id=None, published_at=1.5))
-    validate_verdict(sample_verdict(result="ERROR", error="camera frame is empty", score=None, worst_patch=None))
+    validate_verdict(sample_verdict(result="ERROR", error="camera frame is empty", error_reason="unreadable", score=None,
+                                    worst_patch=None))
 
 
 @pytest.mark.parametrize(
@@ -69,6 +71,8 @@ def test_schema_accepts_sample_verdicts():
         {"result": "OK"},  # OK but anomalous
         {"result": "ERROR"},  # ERROR without an error message
         {"error": "x"},  # an error on an NG verdict
+        {"error_reason": "uniform"},  # a reason on an NG verdict
+        {"result": "ERROR", "error": "x", "error_reason": "bored"},  # not a documented reason
         {"worst_patch": {"x": 1, "y": 2}},
         {"latency_s": {"inference": "fast"}},
     ],

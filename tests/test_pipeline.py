@@ -34,6 +34,8 @@ class FakeScorer:
         self.checksum = "sha256:fake"
         self.path = Path("fake.pt")
         self.score_fn = score_fn or (lambda x: np.full(len(x), 0.25, np.float32))
+        self.low = None  # the card's low bound; None like a card from before two-sided scores
+        self.good_image_scores = None
 
     def grid(self, h, w):
         return PatchGrid.for_frame(h, w, P, S)
@@ -45,9 +47,17 @@ class FakeScorer:
     def score_patches(self, patches):
         return self.score_fn(patches)
 
+    def score_frame(self, grid, patches, name=None):
+        return self.score_fn(patches)
+
+
+def textured(shape, seed=0):
+    """A frame that passes the quality gate: mid-grey with noise, like a part under good light."""
+    return np.random.default_rng(seed).integers(60, 190, shape, dtype=np.uint8)
+
 
 class FakeSource:
-    """`n` grey frames, then EndOfStream; finite=True makes Capture pace by back-pressure."""
+    """`n` textured frames, then EndOfStream; finite=True makes Capture pace by back-pressure."""
 
     def __init__(self, n=3, finite=True, shape=(H, W, 3)):
         self.n, self.finite, self.shape, self.i = n, finite, shape, 0
@@ -59,7 +69,7 @@ class FakeSource:
         if self.i >= self.n:
             raise EndOfStream("fake")
         self.i += 1
-        return np.full(self.shape, 100, np.uint8)
+        return textured(self.shape, self.i)
 
     def close(self):
         pass
@@ -79,7 +89,7 @@ class RecordingPublisher:
 
 
 def make_config(**sections):
-    base = {"station": {"id": "st1"}, "source": {"kind": "file", "uri": "x.avi"}}
+    base = {"station": {"id": "st1"}, "source": {"kind": "file", "uri": "x.avi"}, "mqtt": {"host": "127.0.0.1"}}
     for key, value in sections.items():
         base.setdefault(key, {}).update(value)
     return Config.model_validate(base)
@@ -95,7 +105,7 @@ def make_pipeline(scorer=None, source=None, mask=None, **sections):
 
 
 def frame(seq, shape=(H, W, 3)):
-    return Frame(seq, np.full(shape, 100, np.uint8), captured_at=1_700_000_000.0 + seq, stage_s={"capture": 0.001})
+    return Frame(seq, textured(shape, seq), captured_at=1_700_000_000.0 + seq, stage_s={"capture": 0.001})
 
 
 def sample(metrics, name, **labels):
@@ -195,7 +205,10 @@ def test_wrong_size_frame_is_counted_never_scored_and_gets_an_error_verdict():
     assert (first["seq"], first["result"], second["seq"], second["result"]) == (1, "ERROR", 2, "OK")
     assert "72x64x3" in first["error"] and first["score"] is None
     validate(first)
-    assert sample(metrics, "edge_agent_dropped_total", reason="wrong_size") == 1
+    assert sample(metrics, "edge_agent_bad_frames_total", reason="wrong_size") == 1
+    assert sample(metrics, "edge_agent_error_verdicts_total", reason="wrong_size") == 1
+    assert first["error_reason"] == "wrong_size"
+    assert sample(metrics, "edge_agent_dropped_total", reason="wrong_size") == 0, "a frame with a verdict is no drop"
     assert sample(metrics, "edge_agent_frames_total", result="ERROR") == 1
     assert len(calls) == 1, "only the frame that fits is scored"
 
@@ -316,6 +329,40 @@ def test_an_unreadable_frame_gets_an_error_verdict_even_with_retention_on(tmp_pa
     validate(verdict)
 
 
+def test_an_exception_in_decide_still_publishes_an_error_verdict_and_the_next_frame_is_fine(monkeypatch):
+    import edge_agent.pipeline as pipeline_module
+
+    real_decide = pipeline_module.decide
+    calls = []
+
+    def flaky_decide(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ZeroDivisionError("planted")
+        return real_decide(*args, **kw)
+
+    monkeypatch.setattr(pipeline_module, "decide", flaky_decide)
+    pipeline, publisher, metrics = make_pipeline()
+    first, second = pipeline.inspect(frame(1)), pipeline.inspect(frame(2))
+    assert [v["result"] for v in publisher.verdicts] == ["ERROR", "OK"]
+    assert first["error_reason"] == "internal" and "ZeroDivisionError: planted" in first["error"]
+    validate(first)
+    assert second["result"] == "OK"
+    assert sample(metrics, "edge_agent_error_verdicts_total", reason="internal") == 1
+
+
+def test_a_grey_frame_is_error_uniform_and_never_scored():
+    calls = []
+    pipeline, publisher, metrics = make_pipeline(FakeScorer(lambda x: calls.append(1) or np.zeros(len(x), np.float32)),
+                                                 source=FakeSource(finite=False))
+    grey = np.full((H, W, 3), 128, np.uint8)
+    grey[::2, ::2] += 1  # a little decoder noise
+    pipeline._on_frame(Frame(1, grey, captured_at=1.0))
+    verdict = pipeline.inspect(pipeline.queue.get_nowait())
+    assert (verdict["result"], verdict["error_reason"]) == ("ERROR", "uniform") and not calls
+    validate(verdict)
+    assert sample(metrics, "edge_agent_error_verdicts_total", reason="uniform") == 1
+    assert sample(metrics, "edge_agent_image_score_count") == 0, "an ERROR frame's score stays out of the drift baseline"
 class RecordingWatchdog:
     def __init__(self):
         self.calls = []

@@ -445,11 +445,15 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
     many as fit in max(60 s, 10 % of training); the card says how many it used.
     """
     from edge_agent import calibrate  # scoring side; imported late to keep train light
+    from edge_agent.evaluation import blank_frame_scores
     from edge_agent.anomaly_map import MapHead, PositionStats, window_max
     from edge_agent.images import read_image
     from edge_agent.scoring import Scorer
 
     scorer = Scorer(path, device="cpu", threshold=math.inf, warmup=False)
+    # The floor for each score's low bound (calibrate.low_bound); the map head's score is refitted below, so
+    # it gets the spread rule.
+    blanks = blank_frame_scores(scorer, [n for n in scorer.card["scores"]["names"] if n != scorer.head_name])
     if opts.threshold_images and opts.threshold_images < len(files):
         files = [files[round(i * len(files) / opts.threshold_images)] for i in range(opts.threshold_images)]
     head = scorer.head
@@ -504,7 +508,7 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
         for name in card["scores"]["names"]:
             good = np.array(results[name], dtype=np.float64)
             method = "max-train" if trained_on else "frr"
-            entry = calibrate.choose(good, None, method, opts.target_frr, None, opts.confidence)
+            entry = calibrate.choose(good, None, method, opts.target_frr, None, opts.confidence, blanks.get(name))
             entry.update({
                 "description": ("highest image score over the training images (seeds/003): too few images to hold "
                                 "out; calibrate to replace") if trained_on else
