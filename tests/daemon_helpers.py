@@ -212,6 +212,12 @@ class PlantedScorer(torch.nn.Module):
     def scores(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"m": self._score(x)}
 
+    @torch.jit.export
+    def pixel_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The score spread evenly over the patch's pixels, for cards whose default is the anomaly-map score."""
+        n, _, h, w = x.shape
+        return (self._score(x) / (h * w))[:, None, None].expand(n, h, w).contiguous()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._score(x)
 

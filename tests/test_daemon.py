@@ -32,7 +32,7 @@ ROOT = Path(__file__).parent.parent
 SCHEMA = json.loads((ROOT / "deploy" / "verdict.schema.json").read_text())
 TIMEOUT_S = 60.0  # a generous ceiling: waits end on events; a loaded 2-core runner can take 30 s to start the agent
 # Between the tiny test model's good-part scores (up to ~80) and a 30x30 white block (~170).
-THRESHOLD = 120.0
+THRESHOLD = 120.0  # on the raw score m (a gross white block scores far over it, good parts under)
 
 
 def station_video(path: Path, n: int, defective: set[int] = frozenset()) -> Path:
@@ -57,6 +57,7 @@ id = "st1"
 [model]
 path = "{model}"
 threshold = {THRESHOLD}
+score = "m"
 device = "cpu"
 [source]
 kind = "file"

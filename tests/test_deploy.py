@@ -357,7 +357,8 @@ def test_installed_daemon_runs_the_installed_config_against_a_real_broker(tmp_pa
                      ('device = "auto"', 'device = "cpu"'), ("port = 9108", "port = 0"), ("port = 8108", "port = 0"),
                      ('dir = "/var/lib/edge-agent/outbox"', f'dir = "{root}/var/lib/edge-agent/outbox"'),
                      ('dir = "/var/lib/edge-agent/retention"', f'dir = "{root}/var/lib/edge-agent/retention"'),
-                     ("# threshold = (unset by default)", f"threshold = {THRESHOLD}")):
+                     ("# threshold = (unset by default)", f"threshold = {THRESHOLD}"),
+                     ("# score = (unset by default)", 'score = "m"')):  # THRESHOLD is on m's scale
         assert old in text, f"{old!r} not in the installed config"
         text = text.replace(old, new, 1)
     config.write_text(text)
