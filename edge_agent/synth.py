@@ -102,20 +102,25 @@ def _defect(rng: np.random.Generator, img: np.ndarray, centre: tuple[float, floa
     return mask
 
 
+def _pick_defect(rng: np.random.Generator, defect: str | None, kinds: tuple[str, ...]) -> str | None:
+    if defect == "random":
+        defect = str(rng.choice(kinds))
+    if defect is not None and defect not in kinds:
+        raise ValueError(f"unknown defect {defect!r}; choose from {', '.join(kinds)}")
+    return defect
+
+
+def _as_part(img: np.ndarray, mask: np.ndarray | None, defect: str | None) -> Part:
+    image = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
+    return Part(image, mask if mask is not None else np.zeros(image.shape, np.uint8), defect)
+
+
 def make_part(seed: int, defect: str | None = None, size: int = SIZE, width: int | None = None) -> Part:
     """One part, size px high (and `width` wide, default square); defect in DEFECT_KINDS, "random", or None."""
-    height, width = size, width or size
     rng = np.random.default_rng(seed)
-    img, centre = _good(rng, height, width)
-    mask = np.zeros((height, width), np.uint8)
-    if defect == "random":
-        defect = str(rng.choice(DEFECT_KINDS))
-    if defect is not None:
-        if defect not in DEFECT_KINDS:
-            raise ValueError(f"unknown defect {defect!r}; choose from {', '.join(DEFECT_KINDS)}")
-        mask = _defect(rng, img, centre, defect)
-    image = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
-    return Part(image, mask, defect)
+    img, centre = _good(rng, size, width or size)
+    defect = _pick_defect(rng, defect, DEFECT_KINDS)
+    return _as_part(img, _defect(rng, img, centre, defect) if defect else None, defect)
 
 
 TEXTURE_DEFECTS = ("scratch", "crack", "stain", "hole", "fibre", "spots")
@@ -192,18 +197,10 @@ def _texture_defect(rng: np.random.Generator, img: np.ndarray, kind: str) -> np.
 
 def make_texture(seed: int, defect: str | None = None, size: int = SIZE, width: int | None = None) -> Part:
     """One texture-surface image; defect in TEXTURE_DEFECTS, "random", or None."""
-    height, width = size, width or size
     rng = np.random.default_rng(seed)
-    img = _texture(rng, height, width)
-    mask = np.zeros((height, width), np.uint8)
-    if defect == "random":
-        defect = str(rng.choice(TEXTURE_DEFECTS))
-    if defect is not None:
-        if defect not in TEXTURE_DEFECTS:
-            raise ValueError(f"unknown defect {defect!r}; choose from {', '.join(TEXTURE_DEFECTS)}")
-        mask = _texture_defect(rng, img, defect)
-    image = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
-    return Part(image, mask, defect)
+    img = _texture(rng, size, width or size)
+    defect = _pick_defect(rng, defect, TEXTURE_DEFECTS)
+    return _as_part(img, _texture_defect(rng, img, defect) if defect else None, defect)
 
 
 KINDS = {"part": make_part, "texture": make_texture}

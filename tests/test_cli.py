@@ -206,3 +206,25 @@ def test_score_and_evaluate_with_the_station_config_judge_as_the_station(capsys,
     assert report["models"][0]["scores"]["elbo"]["at_card_threshold"]["threshold"] == 12345.5
     code, _, err = run(capsys, "score", "--config", config, vae_model, image)
     assert_one_line_error(code, err, "leave", "out")
+
+
+def test_synth_texture_and_frame_size(capsys, tmp_path):
+    import cv2
+
+    code, _, err = run(capsys, "synth", tmp_path / "t", "--kind", "texture", "--height", "48", "--width", "64",
+                       "--train", "1", "--calib", "0", "--test-good", "0", "--test-defect", "6")
+    assert code == 0, err
+    image = cv2.imread(str(tmp_path / "t/train/good/0000.png"), cv2.IMREAD_UNCHANGED)
+    assert image.shape == (48, 64)
+    lines = (tmp_path / "t/test/defect/kinds.csv").read_text().split()
+    assert lines[0] == "image,kind" and len(lines) == 7
+    from edge_agent.synth import TEXTURE_DEFECTS, make_texture
+
+    assert {line.split(",")[1] for line in lines[1:]} <= set(TEXTURE_DEFECTS)
+    for i in range(6):  # every defect leaves a mask where it is
+        mask = cv2.imread(str(tmp_path / f"t/test/masks/{i:04d}.png"), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (48, 64) and mask.max() == 255
+    with pytest.raises(ValueError, match="unknown defect"):
+        make_texture(0, "dent")
+    code, _, err = run(capsys, "synth", tmp_path / "x", "--kind", "wood")
+    assert code == 2 and "'wood' is not a kind" in err and "Traceback" not in err
