@@ -226,5 +226,7 @@ def planted_model(like: Path, out: Path, nan: bool = False, spin: int = 0) -> Pa
     """A valid, checksummed artifact with `like`'s card (patch size, frame size, scores) and planted scores."""
     card = artifact.verify(like)
     card["model_id"] = out.stem
+    for entry in card["thresholds"].values():  # planted scores are not the trained model's: no low bound
+        entry.pop("low", None)
     artifact.save(torch.jit.script(PlantedScorer(nan, spin)), card, out)
     return out

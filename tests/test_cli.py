@@ -91,9 +91,16 @@ def test_synth_writes_station(capsys, tmp_path):
 
 
 def _tampered(vae_model, tmp_path):
+    """One flipped byte inside a weight tensor's bytes (a byte in the zip's alignment padding changes nothing)."""
+    import struct
+    import zipfile
+
     p = tmp_path / "tampered.pt"
     raw = bytearray(vae_model.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
+    with zipfile.ZipFile(vae_model) as z:
+        entry = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", raw[entry.header_offset + 26 : entry.header_offset + 30])
+    raw[entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2] ^= 0xFF
     p.write_bytes(bytes(raw))
     return p
 

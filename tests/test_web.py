@@ -79,7 +79,7 @@ def test_is_loopback(host, loopback):
 
 def test_off_loopback_without_a_token_file_is_a_config_error_naming_the_key(tmp_path):
     config = tmp_path / "station.toml"
-    config.write_text('[source]\nuri = "parts.avi"\n[web]\nhost = "0.0.0.0"\n')
+    config.write_text('[source]\nuri = "parts.avi"\n[mqtt]\nhost = "127.0.0.1"\n[web]\nhost = "0.0.0.0"\n')
     with pytest.raises(ConfigError) as e:
         load_config(config)
     assert len(str(e.value).splitlines()) == 1
