@@ -267,3 +267,17 @@ def test_mixed_frame_sizes_train_without_position_statistics(tmp_path):
     card = fit(folder, tmp_path / "m.pt", tiny_options(model="vae", patch_size=32, stride=16, steps=5))
     assert card["anomaly_map"]["position"] is None  # no place-by-place comparison across frame sizes
     assert card["thresholds"]["m_map"]["method"] == "frr" and card["thresholds"]["m_map"]["n_good"] == 8
+
+
+def test_bf16_map_score_keeps_the_fast_path_and_stays_near_fp32(held_out_model):
+    from edge_agent.scoring import Scorer
+    from edge_agent.synth import make_part
+
+    _, model = held_out_model
+    fp32 = Scorer(model, device="cpu", precision="fp32")
+    bf16 = Scorer(model, device="cpu", precision="bf16")
+    assert bf16.fast is not None, "bf16 pixel-map rounding must not send the map score to the slow eager path"
+    for seed, defect in ((5, None), (6, "debris")):
+        image = make_part(seed, defect, size=64).image
+        a, b = fp32.score_image(image).scores.max(), bf16.score_image(image).scores.max()
+        assert abs(a - b) <= 0.05 * abs(a) + 1e-3
