@@ -197,4 +197,8 @@ class MapHead:
 
     def patch_scores(self, grid: PatchGrid, pixel_maps: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """(N, P, P) pixel maps of one frame -> (N,) patch scores."""
-        return window_max(grid, self.normalized(self.smoothed(grid, pixel_maps), cache))
+        return self.scores_of_smoothed(grid, self.smoothed(grid, pixel_maps), cache)
+
+    def scores_of_smoothed(self, grid: PatchGrid, smooth: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """(H, W) smoothed map (from `smoothed`) -> (N,) patch scores: what train uses once the statistics exist."""
+        return window_max(grid, self.normalized(smooth, cache))

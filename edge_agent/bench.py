@@ -79,24 +79,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_gflops(device: torch.device, n: int | None = None, repeats: int = 3,
-                  dtype: torch.dtype = torch.float32) -> float:
-    """Best-of n x n @ n x n: the machine's practical dense throughput (fp32: TF32 off on CUDA)."""
-    n = n or (4096 if device.type == "cuda" else 2048)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
-
-
 # GEMM shapes tried for the machine's limit: square, and the tall-skinny shapes convolutions lower to.
 GEMM_SHAPES = {"cpu": ((1024, 1024, 1024), (2048, 2048, 2048), (8192, 512, 512), (4096, 1024, 2048)),
                "cuda": ((4096, 4096, 4096), (8192, 8192, 8192), (16384, 4096, 4096))}

@@ -382,12 +382,9 @@ class Scorer:
 
     def pixel_maps(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, C, P, P) -> (N, P, P) float32 on the device: the model's per-pixel map (for fitting the head)."""
-        if self.uses_map():
-            return self._run(patches, self.score_name)
-        with self._grad_mode():
-            out = [self.module.pixel_map(patches[s:e].to(self.device)).float()
-                   for s, e in equal_batches(patches.shape[0], self.batch_size)]
-        return torch.cat(out)
+        if self.head is None:
+            raise ValueError(f"{self.path.name} has no anomaly-map score")
+        return self._run(patches, self.head_name)
 
     def score_frame_all(self, grid: PatchGrid, patches: torch.Tensor) -> dict[str, np.ndarray]:
         """Every score of the model for one frame: name -> (N,) float32 (the head's from a second pass)."""

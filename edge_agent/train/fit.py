@@ -437,16 +437,16 @@ def _fit_anogan(sampler: CropSampler, device: torch.device, total_steps: int, st
 def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, train_seconds: float,
                            trained_on: bool = False) -> dict[str, Any]:
     """The threshold a freshly trained model ships with, from good images it never saw (`files`, the
-    held-out ones): the anomaly map's position statistics from the first half, then every score's
-    threshold by the good-only FRR method (calibrate.py) on the second half, with the bound it achieves.
+    held-out ones): the anomaly map's position statistics from every other image, then every score's
+    threshold by the good-only FRR method (calibrate.py) on the rest, with the bound it achieves.
 
     trained_on: `files` are the training images (too few to hold out): the seed's max-train rule instead.
     The phase is kept to a small share of the training time: after the first images it scores only as
     many as fit in max(60 s, 10 % of training); the card says how many it used.
     """
     from edge_agent import calibrate  # scoring side; imported late to keep train light
-    from edge_agent.evaluation import blank_frame_scores
-    from edge_agent.anomaly_map import MapHead, PositionStats, window_max
+    from edge_agent.anomaly_map import MapHead, PositionStats
+    from edge_agent.evaluation import ImageResult, blank_frame_scores
     from edge_agent.images import read_image
     from edge_agent.scoring import Scorer
 
@@ -487,13 +487,13 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
         if position_maps:
             head = MapHead(head.sigma_px, PositionStats.fit(position_maps))
         results: dict[str, list[float]] = {}
-        for k, grid in enumerate(grids):
+        for k, (f, grid) in enumerate(zip(used, grids)):
             values = dict(raw[k])
             if head is not None:
-                values[scorer.head_name] = window_max(grid, head.normalized(smooth[k])).numpy()
-            counted = scorer.counted(grid)
-            for name, v in values.items():
-                results.setdefault(name, []).append(float((v[counted] if counted is not None else v).max()))
+                values[scorer.head_name] = head.scores_of_smoothed(grid, smooth[k]).numpy()
+            image = ImageResult(f, grid, values, scorer.counted(grid))
+            for name in values:
+                results.setdefault(name, []).append(image.image_score(name))
     if len(used) < len(files) - len(position_files):
         logger.info("threshold phase: %d of %d held-out images fitted the %.0f s budget", len(used) +
                     len(position_files), len(files), budget_s)
