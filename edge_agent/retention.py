@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from collections import deque
 from pathlib import Path
@@ -54,7 +55,11 @@ class Retention:
         if not cv2.imwrite(str(png), image):
             raise OSError(f"OpenCV could not write {png}")
         meta = self.dir / f"{stem}.json"
-        meta.write_text(json.dumps(verdict, indent=1))
+        # The verdict goes last and whole (rename), so a reader that sees the JSON (the station page's gallery,
+        # a person's script) never reads half of it and always finds the PNG complete.
+        partial = meta.with_suffix(".json.tmp")
+        partial.write_text(json.dumps(verdict, indent=1))
+        os.replace(partial, meta)
         size = png.stat().st_size + meta.stat().st_size
         self._entries.append((stem, size))
         self._bytes += size
