@@ -14,14 +14,17 @@ train "$R/vae.pt" --model vae --epochs 10 --nz 50
 train "$R/ae.pt" --model ae --epochs 10
 train "$R/gmm.pt" --model gmm --nh 32 --components 8
 train "$R/anogan.pt" --model anogan --stride 16 --nc 16 --epochs 1000 --max-minutes 6 --threshold-images 20
-$EA evaluate "$R/vae.pt" "$R/ae.pt" "$R/gmm.pt" --score m --score elbo --score l1 --score l2 --score ssim --score nll \
+$EA evaluate "$R/vae.pt" "$R/ae.pt" "$R/gmm.pt" --score m --score elbo --score m_map --score l1 --score l2 --score ssim --score l2_map \
+    --score nll \
     --good "$T/good" --defect "$T/defect" --masks "$T/masks" --report "$R/report" -q 2>&1 | tee "$R/evaluate.txt" || true
 # AnoGAN's latent search costs up to 110 generator+discriminator passes per patch: every 5th test image.
 for d in good defect masks; do
   mkdir -p "$R/sub/$d"
   for i in $(seq -f %04g 0 5 99); do cp "$T/$d/$i.png" "$R/sub/$d/"; done
 done
-for s in encoder encoder_refine search; do
+# The anomaly-map score's name follows the model's default score (encoder_refine_map for the default AnoGAN).
+map=$($EA info "$R/anogan.pt" | .venv/bin/python -c 'import json, sys; print((json.load(sys.stdin).get("anomaly_map") or {}).get("name", ""))')
+for s in encoder encoder_refine search $map; do
   $EA evaluate "$R/anogan.pt" --score $s --good "$R/sub/good" --defect "$R/sub/defect" --masks "$R/sub/masks" \
       --report "$R/report-anogan-$s" -q 2>&1 | tee "$R/evaluate-anogan-$s.txt"
 done

@@ -103,7 +103,7 @@ def train(
     early_stop: Annotated[bool, typer.Option(help="Stop when the held-out loss stops improving.")] = True,
     anomaly_map: Annotated[bool, typer.Option(help="Add the anomaly-map score (smoothed pixel map, the default "
                                                    "score) next to the patch scores.")] = True,
-    blur_sigma: Annotated[Optional[float], typer.Option(help="Anomaly map blur in px; default: patch size / 32.")] = None,
+    blur_sigma: Annotated[Optional[float], typer.Option(help="Anomaly map Gaussian blur in px (0 = none, the default: blur buries 1-px scratches and fibres).")] = 0.0,
     position_stats: Annotated[bool, typer.Option(help="Compare the anomaly map with good parts at the same place "
                                                       "(fixtured parts); --no-position-stats for free-lying parts.")] = True,
     target_frr: Annotated[float, typer.Option(help="False-reject rate the initial threshold aims at.")] = 0.01,

@@ -15,6 +15,7 @@ def test_card_holds_everything_needed_to_score(vae_model, station):
     assert card["input"]["channels"] == 1 and card["input"]["frame_width"] == 128
     assert set(card["thresholds"]) == {"m", "elbo", "d", "a", "m_map"}
     assert card["anomaly_map"]["name"] == "m_map" and card["anomaly_map"]["position"] is None  # none held out
+    assert card["anomaly_map"]["blur_sigma_px"] == 0.0  # the default: a blur buries 1-px scratches (RESULTS.md)
     t = card["training"]
     assert t["images"] == 8 and t["steps"] > 0 and np.isfinite(t["final_loss"])
     assert t["data_fingerprint"].startswith("sha256:") and len(t["image_hashes"]) == 8

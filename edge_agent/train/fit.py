@@ -76,7 +76,7 @@ class TrainOptions:
     # Good images held out of training: the initial threshold (FRR method) and the anomaly map's statistics.
     holdout: float = 0.2
     anomaly_map: bool = True  # add the anomaly-map score (anomaly_map.py) and make it the default
-    blur_sigma: float | None = None  # px; None: patch_size / 32 (measured: more blur buries thin scratches)
+    blur_sigma: float = 0.0  # px; measured on three sets (docs/RESULTS.md): any blur buries 1-px scratches and fibres
     position_stats: bool = True  # normalize the map by what good parts show at each place (fixtured parts)
     target_frr: float = 0.01
     confidence: float = 0.95
@@ -231,7 +231,7 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
     }
     head = None
     if opts.anomaly_map:
-        sigma = opts.blur_sigma if opts.blur_sigma is not None else opts.patch_size / 32
+        sigma = opts.blur_sigma
         head = {"name": f"{model.default_score}_map", "blur_sigma_px": float(sigma), "position": None}
     if not world.main:  # rank 0 exports and sets the threshold; the others return its card
         distributed.barrier(world)
