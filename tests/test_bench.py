@@ -152,7 +152,10 @@ def test_bench_cameras_reports_the_shared_scorer_against_its_own_rate():
 
 
 def test_bench_cameras_refuses_a_count_that_is_not_one_with_one_line():
-    from typer.testing import CliRunner
+    import subprocess
 
-    result = CliRunner().invoke(app, ["bench", "--cameras", "two"])
-    assert result.exit_code != 0 and "--cameras 'two'" in result.output and "Traceback" not in result.output
+    from tests.test_daemon import agent, env
+
+    done = subprocess.run(agent("bench", "--cameras", "two"), env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == ["edge-agent: error: --cameras 'two' must be camera counts >= 1, e.g. 1,2,4"]
