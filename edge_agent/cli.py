@@ -383,6 +383,8 @@ def bench(
     precision: Annotated[str, typer.Option(help="Precision of the pipeline and latency runs: fp32, bf16 or fp16.")] = "fp32",
     tiny: Annotated[bool, typer.Option("--tiny", help="Tiny model and 128x128 frames: a smoke run, not a measurement.")] = False,
     train_steps: Annotated[int, typer.Option(min=0, help="Timed VAE train steps per precision (0 = skip training throughput).")] = 3,
+    cameras: Annotated[Optional[str], typer.Option(help="Only the shared scorer: frames/s for these camera counts "
+                                                  "(e.g. 1,2,4) against the scorer's own rate; --frames per camera.")] = None,
 ) -> None:
     """Measure matmul, scorer (fp32, bf16), the daemon pipeline, latency and memory on this machine."""
     from edge_agent.bench import BenchOptions, run_bench, summary, to_json
@@ -391,6 +393,20 @@ def bench(
         raise DataError(f"--device {device!r} must be cpu or cuda")
     if precision not in ("fp32", "bf16", "fp16"):
         raise DataError(f"--precision {precision!r} must be fp32, bf16 or fp16")
+    if cameras is not None:
+        from edge_agent import bench_cameras
+
+        try:
+            counts = sorted({int(c) for c in cameras.split(",")})
+        except ValueError:
+            counts = []
+        if not counts or counts[0] < 1:
+            raise DataError(f"--cameras {cameras!r} must be camera counts >= 1, e.g. 1,2,4")
+        result = bench_cameras.run_cameras_bench(BenchOptions(model=model, device=device, frames=frames, repeats=repeats,
+                                                              batch_size=batch_size, threads=threads,
+                                                              precision=precision, tiny=tiny), counts)
+        typer.echo(to_json(result) if json_out else bench_cameras.summary(result))
+        return
     result = run_bench(BenchOptions(model=model, device=device, frames=frames, latency_frames=latency_frames,
                                     test_frames=test_frames, repeats=repeats, batch_size=batch_size,
                                     threads=threads, precision=precision, tiny=tiny, train_steps=train_steps))

@@ -92,12 +92,37 @@ class TriggerConfig(Section):
     remember: int = Field(
         1024, ge=1, le=1_000_000, description="Recent trigger_ids remembered, so a PLC retry is answered, not inspected twice."
     )
+    cameras: list[str] = Field(
+        default_factory=list, description="Camera ids one trigger captures from (one part, one verdict); empty = every camera."
+    )
 
 
 class RecipeConfig(Section):
     model: Path = Field(description="The TorchScript model file for this recipe; [model] gives device, precision etc.")
     threshold: float | None = Field(None, description="Override this model card's threshold.")
     ignore_mask: Path | None = Field(None, description="PNG whose black pixels mark areas that do not count.")
+
+
+class CameraConfig(Section):
+    id: str = Field(description="Camera id, unique in the station; the `camera` label and the heatmap/<camera> topic level.")
+    source: SourceConfig = Field(description="Where this camera's frames come from (the keys of [source]).")
+    model: Path | None = Field(
+        None, description="This camera's model for every recipe it does not map in recipes; default: [model].path "
+        "(or the recipe's model)."
+    )
+    threshold: float | None = Field(None, description="Override the threshold of this camera's model(s).")
+    ignore_mask: Path | None = Field(None, description="PNG whose black pixels mark where this camera's patches do not count.")
+    recipes: dict[str, Path] = Field(
+        default_factory=dict, description="Recipe name -> this camera's model file for it; names come from [recipes]."
+    )
+    retain: bool | None = Field(None, description="Keep this camera's frames as [retention] says; default: retention.enabled.")
+    retention_dir: Path | None = Field(None, description="Where this camera's retained frames go; default: <retention.dir>/<id>.")
+
+    @field_validator("id")
+    @classmethod
+    def _topic_safe(cls, v: str) -> str:
+        _check_topic_level(v)
+        return v
 
 
 class QualityConfig(Section):
@@ -266,7 +291,11 @@ class LoggingConfig(Section):
 class Config(Section):
     station: StationConfig = Field(default_factory=StationConfig, description="Who this station is.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="What scores the frames.")
-    source: SourceConfig = Field(description="Where frames come from.")
+    source: SourceConfig = Field(description="Where frames come from (one camera; with [[cameras]], the first camera's).")
+    cameras: list[CameraConfig] = Field(
+        default_factory=list, description="Several cameras under this station, one [[cameras]] table each; empty = the "
+        "one camera of [source]."
+    )
     inspection: InspectionConfig = Field(default_factory=InspectionConfig, description="When to inspect.")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="Which frames can be judged at all.")
     trigger: TriggerConfig = Field(default_factory=TriggerConfig, description="PLC triggers.")
@@ -288,6 +317,35 @@ class Config(Section):
         if isinstance(data, dict) and "mqtt" not in data:
             data = {**data, "mqtt": {}}
         return data
+    @model_validator(mode="before")
+    @classmethod
+    def _source_of_cameras(cls, data: Any) -> Any:
+        # With [[cameras]] there is no [source]: config.source is the first camera's, so one-camera code reads it.
+        if isinstance(data, dict) and data.get("cameras") and "source" not in data:
+            first = data["cameras"][0]
+            if isinstance(first, dict) and isinstance(first.get("source"), dict):
+                data = {**data, "source": first["source"]}
+        return data
+
+    @model_validator(mode="after")
+    def _cameras_consistent(self) -> Config:
+        ids = [c.id for c in self.cameras]
+        seen: set[str] = set()
+        for cid in ids:
+            if cid in seen:
+                raise ValueError(f"cameras: id {cid!r} is used twice; give every [[cameras]] table its own id")
+            seen.add(cid)
+        for cid in self.trigger.cameras:
+            if cid not in seen:
+                known = f"one of {ids}" if ids else "a camera defined as [[cameras]] id = \"...\""
+                raise ValueError(f"trigger.cameras names camera {cid!r}, which does not exist; use {known}")
+        for cam in self.cameras:
+            for name in cam.recipes:
+                if name not in self.recipes:
+                    raise ValueError(f"cameras {cam.id!r}: recipe {name!r} is not in [recipes] (known: "
+                                     f"{sorted(self.recipes)}); add [recipes.{name}] or fix the name")
+        return self
+
     @model_validator(mode="after")
     def _default_recipe_known(self) -> Config:
         default, names = self.inspection.default_recipe, sorted(self.recipes)
@@ -309,6 +367,36 @@ class Config(Section):
 
     def default_recipe_name(self) -> str:
         return self.inspection.default_recipe or (sorted(self.recipes)[0] if self.recipes else "")
+
+    def trigger_cameras(self) -> list[str]:
+        """The camera ids one trigger captures from."""
+        return list(self.trigger.cameras) or [c.id for c in self.cameras]
+
+    def for_camera(self, cam: CameraConfig) -> Config:
+        """This station's config as one camera sees it: its source, its models per recipe, its retention.
+
+        The camera's recipes replace the station's (same names); a camera without its own model uses the
+        station's; its threshold and mask override the recipe's."""
+        def model_of(name: str, path: Path, threshold: float | None, mask: Path | None) -> tuple[Path, float | None,
+                                                                                             Path | None]:
+            own = cam.recipes.get(name, cam.model)
+            if cam.threshold is not None:
+                threshold = cam.threshold
+            elif own is not None:
+                threshold = None  # the station's threshold belongs to the station's model: use the card's
+            return own or path, threshold, cam.ignore_mask or mask
+
+        path, threshold, mask = model_of("", self.model.path, self.model.threshold, self.model.ignore_mask)
+        model = self.model.model_copy(update={"path": path, "threshold": threshold, "ignore_mask": mask})
+        recipes = {}
+        for name, r in self.recipes.items():
+            path, threshold, mask = model_of(name, r.model, r.threshold, r.ignore_mask)
+            recipes[name] = r.model_copy(update={"model": path, "threshold": threshold, "ignore_mask": mask})
+        retain = self.retention.enabled if cam.retain is None else cam.retain
+        retention = self.retention.model_copy(update={"enabled": retain,
+                                                      "dir": cam.retention_dir or self.retention.dir / cam.id})
+        return self.model_copy(update={"source": cam.source, "model": model, "recipes": recipes,
+                                       "retention": retention, "cameras": [cam]})
 
 
 def _check_topic_level(level: str) -> None:
@@ -411,8 +499,19 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         src = src.model_copy(update={"uri": str(base / src.uri)})
     recipes = {name: r.model_copy(update={"model": fix(r.model), "ignore_mask": fix(r.ignore_mask)})
                for name, r in config.recipes.items()}
+
+    def fix_source(s: SourceConfig) -> SourceConfig:
+        if s.kind in ("file", "folder") and not Path(s.uri).is_absolute():
+            return s.model_copy(update={"uri": str(base / s.uri)})
+        return s
+
+    cameras = [c.model_copy(update={"source": fix_source(c.source), "model": fix(c.model),
+                                    "ignore_mask": fix(c.ignore_mask), "retention_dir": fix(c.retention_dir),
+                                    "recipes": {n: fix(p) for n, p in c.recipes.items()}})
+               for c in config.cameras]
     return config.model_copy(
         update={
+            "cameras": cameras,
             "recipes": recipes,
             "model": config.model.model_copy(
                 update={"path": fix(config.model.path), "ignore_mask": fix(config.model.ignore_mask)}

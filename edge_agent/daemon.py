@@ -70,14 +70,17 @@ def load_ignore_mask(path: Path | None, scorer: Any) -> np.ndarray | None:
     return mask
 
 
-def load_recipes(config: Config, warmup: bool = True) -> dict[str, Model]:
-    """Every recipe's model, loaded, verified, warmed up and checked against the camera's frame size."""
+def load_recipes(config: Config, warmup: bool = True,
+                 load: Callable[[ModelConfig], Model] | None = None) -> dict[str, Model]:
+    """Every recipe's model, loaded, verified, warmed up and checked against the camera's frame size.
+
+    load: how a model is loaded (shared_scorer.ModelCache.get shares one file between cameras)."""
     from edge_agent.pipeline import expected_frame
 
     models: dict[str, Model] = {}
     for name, cfg in config.recipe_models().items():
         try:
-            model = load_model(cfg, warmup=warmup)
+            model = load(cfg) if load is not None else load_model(cfg, warmup=warmup)
             check_fit(config, model)
         except EdgeAgentError as e:
             if not config.recipes:
@@ -111,10 +114,29 @@ def check(config_path: Path, overrides: list[str]) -> list[str]:
     except ConfigError as e:
         return str(e).splitlines()
     try:
-        load_recipes(config, warmup=False)
+        if config.cameras:
+            load_cameras(config, warmup=False)
+        else:
+            load_recipes(config, warmup=False)
     except EdgeAgentError as e:
         return str(e).splitlines()
     return []
+
+
+def load_cameras(config: Config, warmup: bool = True) -> dict[str, tuple[Config, dict[str, Model]]]:
+    """Camera id -> (its view of the config, its recipes' models); a model file used twice is loaded once."""
+    from edge_agent.shared_scorer import ModelCache
+
+    cache = ModelCache(lambda cfg: load_model(cfg, warmup=warmup))
+    cameras = {}
+    for cam in config.cameras:
+        view = config.for_camera(cam)
+        try:
+            cameras[cam.id] = (view, load_recipes(view, load=cache.get))
+        except EdgeAgentError as e:
+            raise type(e)(f"camera {cam.id!r}: {e}") from None
+    logger.info("%d cameras, %d models loaded", len(cameras), cache.loaded)
+    return cameras
 
 
 def _serve_metrics(config: Config, metrics: Metrics, stack: contextlib.ExitStack) -> None:
@@ -165,6 +187,8 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
     overrides = overrides or []
     config = load_config(config_path, overrides)
     logging.getLogger().setLevel(config.logging.level)
+    if config.cameras:
+        return run_station(config, max_frames, on_verdict)
     stop = threading.Event()
     recipes = load_recipes(config)
     model = recipes[config.default_recipe_name()]
@@ -213,6 +237,105 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
     if pipeline.fatal is not None:
         raise EdgeAgentError(pipeline.fatal)  # exit 1: systemd restarts the agent
     return 0
+
+
+def run_station(config: Config, max_frames: int | None = None,
+                on_verdict: Callable[[dict[str, Any]], None] | None = None) -> int:
+    """The daemon for a station with [[cameras]]: one pipeline per camera, one shared scoring service."""
+    from edge_agent.broker import start_embedded_if_needed
+    from edge_agent.capture import make_source
+    from edge_agent.metrics import Metrics
+    from edge_agent.mqtt import MqttPublisher
+    from edge_agent.outbox import Outbox
+    from edge_agent.pipeline import Pipeline
+    from edge_agent.retention import Retention
+    from edge_agent.shared_scorer import ScoringService
+    from edge_agent.station import Station
+
+    stop = threading.Event()
+    cameras = load_cameras(config)
+    first_view, first_recipes = next(iter(cameras.values()))
+    model = first_recipes[first_view.default_recipe_name()]
+    metrics = Metrics(threshold=model.scorer.threshold, good_image_scores=model.scorer.good_image_scores)
+    _model_info(metrics, model)
+    watchdog = systemd.Watchdog()
+    boot_id = uuid.uuid4().hex[:12]
+    station = Station(config, boot_id, metrics, on_verdict=on_verdict)
+
+    with contextlib.ExitStack() as stack:
+        _serve_metrics(config, metrics, stack)
+        state = _serve_page(config, metrics, model, stack)
+        outbox = Outbox(config.outbox.dir, int(config.outbox.max_mb * 1024 * 1024))
+        stack.callback(outbox.close)
+        broker = start_embedded_if_needed(config.mqtt)
+        if broker is not None:
+            stack.callback(broker.stop)
+        scoring = ScoringService().start()
+        stack.callback(scoring.close)
+        for cid, (view, recipes) in cameras.items():
+            retention = Retention(view.retention) if view.retention.enabled else None
+            pipe = Pipeline(view, recipes[view.default_recipe_name()], make_source(view.source), None,
+                            metrics.for_camera(cid), stop, watchdog=watchdog, retention=retention, boot_id=boot_id,
+                            max_frames=max_frames, recipes=recipes, camera=cid, scoring=scoring,
+                            next_seq=station.next_seq)
+            pipe.state = state
+            station.add(cid, pipe)
+        pipelines = list(station.pipelines.values())
+        publisher = MqttPublisher(config.mqtt, config.station.id, outbox, on_trigger=station.trigger,
+                                  on_delivered=pipelines[0].delivered, metrics=metrics,
+                                  info=lambda: station_info(config, station))
+        station.publisher = publisher
+        publisher.start()
+        stack.callback(publisher.stop, config.outbox.flush_timeout_s)
+        _install_signals(stop, _NoReload())
+        for pipe in pipelines:
+            pipe.start()
+        watchdog.start()
+        stack.callback(watchdog.stop)
+        systemd.ready(f"inspecting {len(pipelines)} cameras")
+        logger.info("ready: station %s, %s mode, cameras %s, boot %s", config.station.id, config.inspection.mode,
+                    ", ".join(f"{cid} ({p.source.describe()}, {p.model.scorer.model_id})"
+                              for cid, p in station.pipelines.items()), boot_id)
+        stop.wait()
+        systemd.stopping("draining in-flight frames")
+        logger.info("stopping: draining in-flight frames of %d cameras, then flushing the outbox (up to %.0f s)",
+                    len(pipelines), config.outbox.flush_timeout_s)
+        for pipe in pipelines:
+            pipe.drain()
+        logger.info("shared scorer: %d frames in %d forward-pass groups", scoring.frames, scoring.passes)
+        if not publisher.flush(config.outbox.flush_timeout_s):
+            logger.warning("%d messages not yet acknowledged stay in the outbox %s for the next start",
+                           outbox.depth(), outbox.path)
+    fatal = [p.fatal for p in pipelines if p.fatal is not None]
+    if fatal:
+        raise EdgeAgentError(fatal[0])
+    return 0
+
+
+def station_info(config: Config, station: Any) -> dict[str, Any]:
+    """status/info of a station with [[cameras]]: every camera, its source, up/down and its recipes."""
+    cams = {}
+    for cid, pipe in station.pipelines.items():
+        cams[cid] = {"source": pipe.source.describe(), "camera": "up" if pipe.capture.up else "down",
+                     "recipes": {name or "": {"model_id": m.scorer.model_id, "checksum": m.scorer.checksum,
+                                              "score_name": m.scorer.score_name, "threshold": m.scorer.threshold}
+                                 for name, m in pipe.recipes.items()}}
+    return {
+        "station": config.station.id,
+        "boot_id": station.boot_id,
+        "mode": config.inspection.mode,
+        "verdict_version": 2,
+        "camera": "up" if all(c["camera"] == "up" for c in cams.values()) else "down",
+        "cameras": cams,
+        "trigger_cameras": config.trigger_cameras(),
+        "default_recipe": config.default_recipe_name() or None,
+        "trigger_deadline_s": config.trigger.deadline_s,
+    }
+
+
+class _NoReload:
+    def request(self) -> None:
+        logger.warning("SIGHUP: reloading models is not supported with [[cameras]] yet; restart the agent")
 
 
 def status_info(config: Config, pipeline: Pipeline) -> dict[str, Any]:

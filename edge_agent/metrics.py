@@ -132,6 +132,17 @@ class Metrics:
         self.device_fallback_gauge = Gauge(
             "edge_agent_device_fallback", "1 while scoring runs on the CPU although a GPU was expected (see the log).",
             registry=r)
+        # Stations with [[cameras]]: the per-camera series (CameraMetrics) and one result per part.
+        self.camera_source_up = Gauge("edge_agent_camera_source_up", "1 while this camera delivers frames.",
+                                      ["camera"], registry=r)
+        self.camera_frames = Counter("edge_agent_camera_frames", "Frames of this camera inspected, by verdict.",
+                                     ["camera", "result"], registry=r)
+        self.camera_source_reconnects = Counter(
+            "edge_agent_camera_source_reconnects", "Attempts to reopen this camera after an outage.", ["camera"],
+            registry=r)
+        self.parts = Counter("edge_agent_parts", "Triggered parts answered with one verdict over their cameras, by "
+                             "verdict.", ["result"], registry=r)
+        self._cameras_up: dict[str, bool] = {}
         # Known label values start at 0 so rate() and alerts work before the first event.
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
@@ -256,6 +267,17 @@ class Metrics:
         # The reason goes to the caller's log line, not a label: free-form text would explode cardinality.
         self.triggers.labels(result="rejected").inc()
 
+    def part_result(self, result: str) -> None:
+        self.parts.labels(result=result).inc()
+
+    def for_camera(self, camera: str) -> CameraMetrics:
+        for result in RESULTS:
+            self.camera_frames.labels(camera=camera, result=result)
+        self.camera_source_reconnects.labels(camera=camera)
+        self.camera_source_up.labels(camera=camera).set(0)
+        self._cameras_up[camera] = False
+        return CameraMetrics(self, camera)
+
     def serve(self, bind: str = "127.0.0.1", port: int = 0) -> tuple[WSGIServer, int]:
         """Serve /metrics on a daemon thread; returns (server, actual port). Stop with server.shutdown()."""
         server, _thread = start_http_server(port, addr=bind, registry=self.registry)
@@ -263,3 +285,35 @@ class Metrics:
         logger.info("metrics served on http://%s:%d/metrics", bind, actual)
         return server, actual
 
+
+
+class CameraMetrics:
+    """One camera's view of the station's Metrics: its outages and results also counted under its `camera`
+    label; edge_agent_camera_up is 1 only while every camera is up; triggers are counted once, by the station."""
+
+    def __init__(self, station: Metrics, camera: str) -> None:
+        self._station = station
+        self.camera = camera
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._station, name)
+
+    def camera_up(self, up: bool) -> None:
+        s = self._station
+        s.camera_source_up.labels(camera=self.camera).set(1 if up else 0)
+        s._cameras_up[self.camera] = up
+        s.camera_up(all(s._cameras_up.values()))
+
+    def camera_reconnect(self) -> None:
+        self._station.camera_source_reconnects.labels(camera=self.camera).inc()
+        self._station.camera_reconnect()
+
+    def frame_result(self, result: str, reason: str | None = None) -> None:
+        self._station.camera_frames.labels(camera=self.camera, result=result).inc()
+        self._station.frame_result(result, reason)
+
+    def trigger_accepted(self) -> None:
+        pass  # the station counts the part's trigger once
+
+    def trigger_duplicate(self) -> None:
+        pass

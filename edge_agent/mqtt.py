@@ -10,6 +10,9 @@ Topics, all under <prefix>/<station>/ (docs/MQTT.md has payload examples):
                      (same client, same QoS, so the broker keeps the order). MQTT 5 adds user
                      properties `message_id` and `seq` and content type image/jpeg; on 3.1.1 a
                      heatmap belongs to the last verdict with `heatmap: true` before it.
+- heatmap/<camera>   out, QoS 1, not retained (stations with [[cameras]]). That camera's heatmap JPEG, right
+                     after the version 2 verdict whose `cameras` entry for it says `heatmap: true`
+                     (MQTT 5: user properties message_id, seq and camera).
 - status             out, QoS 1, retained. `online` once the broker acknowledged the trigger
                      subscription (SUBACK) after a connect; `offline` on a clean stop and as the
                      Last Will when the agent dies or loses the network.
@@ -198,9 +201,11 @@ class MqttPublisher:
         self._set_connected(False, quiet=True)
         logger.info("MQTT stopped; %d messages left in the outbox", self.outbox.depth())
 
-    def publish_verdict(self, verdict: dict[str, Any], heatmap_jpeg: bytes | None = None) -> None:
-        """Queue a verdict (and its heatmap) for delivery; returns without waiting for the broker."""
-        verdict = dict(verdict, heatmap=heatmap_jpeg is not None)
+    def publish_verdict(self, verdict: dict[str, Any], heatmap_jpeg: bytes | None = None,
+                        camera_heatmaps: dict[str, bytes] | None = None) -> None:
+        """Queue a verdict (and its heatmap, or its cameras' heatmaps on heatmap/<camera>) for delivery;
+        returns without waiting for the broker."""
+        verdict = dict(verdict) if camera_heatmaps is not None else dict(verdict, heatmap=heatmap_jpeg is not None)
         verdict.setdefault("published_at", time.time())
         props = {"message_id": str(verdict.get("message_id", "")), "seq": str(verdict.get("seq", ""))}
         try:
@@ -208,6 +213,9 @@ class MqttPublisher:
             self.outbox.put("verdict", self.topics.verdict, payload, qos=1, retain=False, properties=props)
             if heatmap_jpeg is not None:
                 self.outbox.put("heatmap", self.topics.heatmap, heatmap_jpeg, qos=1, retain=False, properties=props)
+            for camera, jpeg in (camera_heatmaps or {}).items():
+                self.outbox.put("heatmap", f"{self.topics.heatmap}/{camera}", jpeg, qos=1, retain=False,
+                                properties={**props, "camera": camera})
         except Exception:
             # A full disk or a verdict that is not JSON must not stop the pipeline; it is logged and counted.
             logger.exception("could not queue verdict seq=%s in the outbox", verdict.get("seq"))

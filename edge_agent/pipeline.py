@@ -100,8 +100,15 @@ class Pipeline:
         max_frames: int | None = None,
         on_verdict: Callable[[dict[str, Any]], None] | None = None,
         recipes: dict[str, Model] | None = None,
+        camera: str | None = None,
+        scoring: Any = None,
+        next_seq: Callable[[], int] | None = None,
     ) -> None:
-        """model: the default recipe's model; recipes: every recipe's model (None: `model` for every trigger)."""
+        """model: the default recipe's model; recipes: every recipe's model (None: `model` for every trigger).
+
+        camera: this pipeline's camera id in a station with several cameras (thread names, logs, the verdict);
+        scoring: the station's shared_scorer.ScoringService (None: this thread runs the model itself);
+        next_seq: the station-wide sequence, so verdicts of different cameras never share a message_id."""
         self.config = config
         self.model = model
         self.source = source
@@ -121,8 +128,13 @@ class Pipeline:
         self.recipes: dict[str, Model] = dict(recipes) if recipes else {self.default_recipe: model}
         self.pending = Pending(config.trigger.deadline_s, MAX_PENDING_TRIGGERS, config.trigger.remember)
         self.fatal: str | None = None  # why the agent must exit non-zero (the capture thread died)
-        self.capture = Capture(source, config.source, self._on_frame, stop, metrics,
+        self.camera = camera
+        self.scoring = scoring
+        self.on_source_end: Callable[[], None] | None = None
+        self.capture = Capture(source, config.source, self._on_frame, stop, metrics, name=camera,
                                on_end=self._on_end, on_camera=self._on_camera, on_fatal=self._on_capture_died)
+        if next_seq is not None:
+            self.capture.next_seq = next_seq  # type: ignore[method-assign]
         self.accepted = 0  # frames queued for inference
         self.inspected = 0  # verdicts handed to the publisher
         self._next_due = 0.0  # monotonic time the next free-run frame may be taken (max_fps)
@@ -133,7 +145,8 @@ class Pipeline:
         self._backlog: deque[Frame] = deque()
         self._backlog_lock = threading.Lock()
         self._errors_logged = 0
-        self._infer = threading.Thread(target=self._infer_loop, name="infer", daemon=True)
+        self._infer = threading.Thread(target=self._infer_loop, name=f"infer:{camera}" if camera else "infer",
+                                       daemon=True)
 
     # Lifecycle
 
@@ -196,7 +209,7 @@ class Pipeline:
                       source=self.source.describe(), trigger=trig)
         scorer = self._model_for(trig).scorer
         reason = "trigger_deadline" if stage == "trigger_deadline" else "no_frame"
-        verdict = document(frame, scorer, failed(error, reason), self.station, self.boot_id, {}, False)
+        verdict = self._document(frame, scorer, failed(error, reason), {}, False)
         self.metrics.error(stage)
         self.metrics.frame_result("ERROR", reason)
         if self.publisher is not None:
@@ -264,6 +277,9 @@ class Pipeline:
         self.metrics.latency_s(max(0.0, time.time() - captured_at))
 
     def _on_end(self) -> None:
+        if self.on_source_end is not None:
+            self.on_source_end()  # a station with several cameras stops when every camera's file has ended
+            return
         logger.info("the source ended; stopping after the frames in flight")
         self.stop.set()
 
@@ -441,7 +457,7 @@ class Pipeline:
             logger.exception("frame %d: judging failed", frame.seq)
             self.metrics.error("inference")
             decision = failed(f"internal error: {type(e).__name__}: {e}", "internal")
-            verdict = document(frame, model.scorer, decision, self.station, self.boot_id, stage_s, False)
+            verdict = self._document(frame, model.scorer, decision, stage_s, False)
             heatmap = None
         t = time.perf_counter()
         if self.publisher is not None:
@@ -478,7 +494,10 @@ class Pipeline:
             grid, patches = scorer.patches(frame.image)
             now = time.perf_counter()
             stage_s["preprocess"], t = now - t, now
-            scores = scorer.score_frame(grid, patches)
+            if self.scoring is not None:
+                scores = self.scoring.score_frame(scorer, grid, patches)
+            else:
+                scores = scorer.score_frame(grid, patches)
             now = time.perf_counter()
             stage_s["inference"], t = now - t, now
             self.metrics.patches_scored(len(scores))
@@ -500,8 +519,15 @@ class Pipeline:
         heatmap = self._heatmap(frame, grid, scores, scorer, decision)
         if heatmap is not None:
             stage_s["encode"] = time.perf_counter() - t
-        verdict = document(frame, scorer, decision, self.station, self.boot_id, stage_s, heatmap is not None)
+        verdict = self._document(frame, scorer, decision, stage_s, heatmap is not None)
         return verdict, heatmap, decision
+
+    def _document(self, frame: Frame, scorer: Scorer, decision: Decision, stage_s: dict[str, float],
+                  heatmap: bool) -> dict[str, Any]:
+        verdict = document(frame, scorer, decision, self.station, self.boot_id, stage_s, heatmap)
+        if self.camera is not None:
+            verdict["camera"] = self.camera  # the station (station.py) turns it into its camera's result
+        return verdict
 
     def _heatmap(self, frame: Frame, grid: PatchGrid | None, scores: np.ndarray | None, scorer: Scorer,
                  decision: Decision) -> bytes | None:

@@ -380,6 +380,20 @@ class Scorer:
         with torch.inference_mode():
             return self.head.patch_scores(grid, maps.to(self.device), self._head_cache).cpu().numpy()
 
+    def score_frames(self, frames: list[tuple[PatchGrid, torch.Tensor]]) -> list[np.ndarray]:
+        """Several frames' patches (each (N_i, C, P, P), grid.extract order) through the same batched forward
+        passes -> each frame's (N_i,) float32 scores of the chosen score, as score_frame gives them."""
+        if len(frames) == 1:
+            return [self.score_frame(*frames[0])]
+        counts = [patches.shape[0] for _, patches in frames]
+        out = self._run(torch.cat([patches for _, patches in frames]), self.score_name)
+        parts = torch.split(out, counts)
+        if not self.uses_map(self.score_name):
+            return [part.cpu().numpy() for part in parts]
+        with torch.inference_mode():
+            return [self.head.patch_scores(grid, part.to(self.device), self._head_cache).cpu().numpy()
+                    for (grid, _), part in zip(frames, parts)]
+
     def pixel_maps(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, C, P, P) -> (N, P, P) float32 on the device: the model's per-pixel map (for fitting the head)."""
         if self.head is None:

@@ -20,6 +20,11 @@ from edge_agent.frames import Frame
 from edge_agent.patches import PatchGrid
 
 VERDICT_VERSION = 1
+# A station with [[cameras]] publishes version 2: one answer per part (triggered) or per camera frame
+# (free-run), each camera's result in `cameras` (deploy/verdict.v2.schema.json).
+CAMERAS_VERDICT_VERSION = 2
+CAMERA_FIELDS = ("seq", "captured_at", "result", "anomalous", "score", "threshold", "score_name", "worst_patch",
+                 "patches_over_threshold", "patches_total", "error", "error_reason", "model", "latency_s", "frame_age_s")
 # Why a frame is ERROR: the verdict's error_reason and the label of edge_agent_error_verdicts_total.
 ERROR_REASONS = ("unreadable", "wrong_size", "blank", "uniform", "underexposed", "overexposed", "frozen",
                  "unlike_station", "scoring", "internal", "trigger_deadline", "no_frame")
@@ -119,6 +124,48 @@ def document(frame: Frame, scorer: ScorerInfo, d: Decision, station: str, boot_i
         "latency_s": {k: round(v, 6) for k, v in stage_s.items()},
         "heatmap": heatmap,
         "frame_age_s": None if frame.frame_age_s is None else round(frame.frame_age_s, 6),
+    }
+
+
+def camera_result(camera: str, doc: Mapping[str, Any], heatmap_topic: str | None) -> dict[str, Any]:
+    """One camera's entry in a version 2 verdict, from the version 1 document of its frame."""
+    return {"camera": camera, **{k: doc.get(k) for k in CAMERA_FIELDS}, "heatmap": heatmap_topic is not None,
+            "heatmap_topic": heatmap_topic}
+
+
+def part_result(results: list[Mapping[str, Any]]) -> tuple[str, str | None, str | None]:
+    """(result, error, error_reason) of a part from its cameras' results: NG when any camera is NG, ERROR when
+    any could not judge and none is NG, else OK."""
+    if any(r["result"] == "NG" for r in results):
+        return "NG", None, None
+    errors = [r for r in results if r["result"] != "OK"]  # never OK unless every camera said OK
+    if errors or not results:
+        why = "; ".join(f"camera {r['camera']}: {r['error']}" for r in errors) or "no camera judged this part"
+        return "ERROR", why, (errors[0]["error_reason"] or "internal") if errors else "internal"
+    return "OK", None, None
+
+
+def cameras_document(station: str, boot_id: str, seq: int, results: list[dict[str, Any]], trigger: Any = None,
+                     camera: str | None = None) -> dict[str, Any]:
+    """A version 2 verdict: a part's (camera None: every camera the trigger needed) or one camera's frame."""
+    result, error, reason = part_result(results)
+    return {
+        "version": CAMERAS_VERDICT_VERSION,
+        "station": station,
+        "camera": camera,
+        "seq": seq,
+        "message_id": f"{station}:{boot_id}:{seq}",
+        "captured_at": min((r["captured_at"] for r in results), default=0.0),
+        "part_id": trigger.part_id if trigger else None,
+        "trigger_id": trigger.trigger_id if trigger else None,
+        "recipe": trigger.recipe if trigger else None,
+        "job_id": trigger.job_id if trigger else None,
+        "result": result,
+        "anomalous": result != "OK",
+        "error": error,
+        "error_reason": reason,
+        "cameras": results,
+        "heatmap": any(r["heatmap"] for r in results),
     }
 
 

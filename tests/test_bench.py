@@ -134,3 +134,28 @@ def test_cuda_fast_path_matches_cpu(vae_model, station, precision):
     x = _station_patches(cpu, station, n=2)
     tol = 1e-3 if precision == "fp32" else 1e-2
     np.testing.assert_allclose(gpu.score_patches(x), cpu.score_patches(x), rtol=tol, atol=1e-5)
+
+
+def test_bench_cameras_reports_the_shared_scorer_against_its_own_rate():
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["bench", "--tiny", "--json", "--cameras", "1,2", "--frames", "2",
+                                      "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert r["scorer_frames_per_s"] > 0 and r["frames_per_camera"] == 2 and r["patches_per_frame"] == 49
+    assert [row["cameras"] for row in r["cameras"]] == [1, 2]
+    for row in r["cameras"]:
+        assert row["efficiency"] == pytest.approx(row["frames_per_s"] / r["scorer_frames_per_s"])
+        assert row["per_camera_frames_per_s"] == pytest.approx(row["frames_per_s"] / row["cameras"])
+        assert row["frames_per_pass"] >= 1
+
+
+def test_bench_cameras_refuses_a_count_that_is_not_one_with_one_line():
+    import subprocess
+
+    from tests.test_daemon import agent, env
+
+    done = subprocess.run(agent("bench", "--cameras", "two"), env=env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == ["edge-agent: error: --cameras 'two' must be camera counts >= 1, e.g. 1,2,4"]

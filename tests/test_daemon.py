@@ -287,6 +287,8 @@ def _fields(model: type[BaseModel], prefix: str = ""):
             yield from _fields(ann, f"{prefix}{name}.")
         elif typing.get_origin(ann) is dict and isinstance(args[1], type) and issubclass(args[1], BaseModel):
             yield from _fields(args[1], f"{prefix}{name}.<name>.")  # a table per entry, e.g. [recipes.<name>]
+        elif typing.get_origin(ann) is list and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            yield from _fields(args[0], f"{prefix}{name}.")  # an array of tables, e.g. [[cameras]]
         else:
             yield f"{prefix}{name}", field
 
@@ -297,7 +299,7 @@ def test_config_example_documents_every_key_and_loads():
     section = None
     keys = set()
     for line in text.splitlines():
-        if m := re.match(r"^#? ?\[(.+)\]$", line):  # a commented table shows the shape of one entry
+        if m := re.match(r"^#? ?\[\[?([^\[\]]+)\]\]?$", line):  # a commented table shows the shape of one entry
             section = m.group(1)
         elif m := re.match(r"^#? ?([a-z_]+) = ", line):
             keys.add(f"{section}.{m.group(1)}")
