@@ -1,7 +1,8 @@
 """What each lever of the anomaly-map score buys, on one trained model (no retraining): raw max patch score,
 the fold-averaged pixel map at several blurs, with and without position statistics.
 
-    python benchmarks/anomaly_map.py MODEL --calib DIR --good DIR --defect DIR [--sigmas 0,1,2,4] [--precision fp32]
+    python benchmarks/anomaly_map.py MODEL --calib DIR --good DIR --defect DIR [--sigmas 0,1,2,4] [--lines 5,9,15]
+        [--precision fp32]
 
 The first half of --calib fits the position statistics (as `train` does on its hold-out), the second half
 sets each variant's threshold by the FRR method at 1 % (calibrate.py). Reported on --good/--defect, never
@@ -39,6 +40,33 @@ def maps_of(scorer: Scorer, files: list[Path]) -> tuple[np.ndarray, list[torch.T
     return np.array(raw), maps, grid
 
 
+LINE_ANGLES = 12
+
+
+def line_kernels(length: int, angles: int = LINE_ANGLES) -> torch.Tensor:
+    """(angles, 1, L, L): anti-aliased 1-px lines through the centre, each summing to 1."""
+    import cv2
+
+    kernels = []
+    for i in range(angles):
+        t, big = np.pi * i / angles, length * 8
+        canvas = np.zeros((big, big), np.float32)
+        c, r = big / 2 - 0.5, big / 2 - 4
+        p0 = (int(round((c - r * np.cos(t)) * 16)), int(round((c - r * np.sin(t)) * 16)))
+        p1 = (int(round((c + r * np.cos(t)) * 16)), int(round((c + r * np.sin(t)) * 16)))
+        cv2.line(canvas, p0, p1, 1.0, 8, cv2.LINE_AA, 4)
+        k = cv2.resize(canvas, (length, length), interpolation=cv2.INTER_AREA)
+        kernels.append(k / k.sum())
+    return torch.from_numpy(np.stack(kernels))[:, None]
+
+
+def line_max(image: torch.Tensor, length: int) -> torch.Tensor:
+    """(H, W) -> (H, W): at each pixel the highest mean of the map along a short line through it, any angle
+    (a matched filter for scratches and fibres, which a round blur dilutes)."""
+    x = torch.nn.functional.pad(image[None, None], (length // 2,) * 4, mode="replicate")
+    return torch.nn.functional.conv2d(x, line_kernels(length))[0].amax(0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path)
@@ -47,6 +75,7 @@ def main() -> None:
     ap.add_argument("--defect", type=Path, required=True)
     ap.add_argument("--sigmas", default="0,1,2,4")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--lines", default="5,9,15", help="line lengths for the oriented-line variant ('' = none)")
     a = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:  # a copy whose card asks for pixel maps (the fast path freezes them)
@@ -98,6 +127,14 @@ def main() -> None:
         placed = MapHead(sigma, PositionStats.fit(smooth["c"][:half]))
         cache: dict = {}
         row(f"map, blur {sigma:g} px, position statistics", *(score(placed, smooth[k], cache) for k in "cgd"))
+        if sigma == 0:  # the spread floored at its median: position statistics only ever discount noisy places
+            floored = MapHead(0.0, PositionStats.fit(smooth["c"][:half], floor_quantile=0.5))
+            cache = {}
+            row("map, no blur, position statistics, spread floored at its median",
+                *(score(floored, smooth[k], cache) for k in "cgd"))
+    for length in [int(x) for x in a.lines.split(",") if x]:  # oriented line means instead of a round blur
+        lined = {k: [line_max(m, length) for m in v] for k, v in (("c", c_maps), ("g", g_maps), ("d", d_maps))}
+        row(f"map, max of {LINE_ANGLES} oriented {length}-px line means", *(score(MapHead(0.0), lined[k], None) for k in "cgd"))
 
 
 if __name__ == "__main__":
