@@ -258,7 +258,7 @@ def run_station(config: Config, max_frames: int | None = None,
     model = first_recipes[first_view.default_recipe_name()]
     metrics = Metrics(threshold=model.scorer.threshold, good_image_scores=model.scorer.good_image_scores)
     _model_info(metrics, model)
-    watchdog = systemd.Watchdog()
+    watchdog = systemd.Watchdog(lanes=list(cameras))  # one lane a camera: a stuck one cannot hide behind another
     boot_id = uuid.uuid4().hex[:12]
     station = Station(config, boot_id, metrics, on_verdict=on_verdict)
 
@@ -275,7 +275,7 @@ def run_station(config: Config, max_frames: int | None = None,
         for cid, (view, recipes) in cameras.items():
             retention = Retention(view.retention) if view.retention.enabled else None
             pipe = Pipeline(view, recipes[view.default_recipe_name()], make_source(view.source), None,
-                            metrics.for_camera(cid), stop, watchdog=watchdog, retention=retention, boot_id=boot_id,
+                            metrics.for_camera(cid), stop, watchdog=watchdog.lane(cid), retention=retention, boot_id=boot_id,
                             max_frames=max_frames, recipes=recipes, camera=cid, scoring=scoring,
                             next_seq=station.next_seq)
             pipe.state = state
