@@ -261,3 +261,75 @@ def test_frames_of_cameras_that_share_a_model_go_through_one_forward_pass():
     service.close()
     assert scorer.passes == [4, 12], "the three frames queued during a pass share the next one"
     assert [float(out[i][0]) for i in range(4)] == [0.0, 1.0, 2.0, 3.0], "each camera gets its own frame's scores"
+
+
+# The daemon with one planted bug: camera side's infer thread, after two verdicts, wedges until the watchdog
+# withholds its pings (top keeps judging meanwhile), then dies. Everything else is the real agent.
+SIDE_WEDGES_THEN_DIES = """
+import logging, sys, threading, time
+from edge_agent import pipeline
+withheld = threading.Event()
+class Spy(logging.Handler):
+    def emit(self, record):
+        if "withholding watchdog pings" in record.getMessage():
+            withheld.set()
+logging.getLogger("edge_agent.systemd").addHandler(Spy())
+real_feed = pipeline.Pipeline._feed_backlog
+def feed(self):
+    if self.camera == "side" and self.inspected >= 2 and threading.current_thread().name == "infer:side":
+        withheld.wait(60)
+        deadline = time.monotonic() + 60
+        while self.queue.empty() and time.monotonic() < deadline:
+            self.stop.wait(0.05)  # so that a frame is left queued for drain() to answer
+        raise RuntimeError("planted bug in the infer thread")
+    return real_feed(self)
+pipeline.Pipeline._feed_backlog = feed
+from edge_agent.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("subscriber", ["5"], indirect=True)
+def test_a_stuck_then_dead_camera_is_not_hidden_by_a_working_one_the_watchdog_starves_and_the_agent_exits_1(
+        tmp_path, vae_model, mosquitto, subscriber):
+    import socket
+    import sys
+
+    top = station_video(tmp_path / "top.avi", 3)
+    side = station_video(tmp_path / "side.avi", 3)
+    config = station_config(tmp_path, vae_model, camera_toml("top", str(top)) + camera_toml("side", str(side)),
+                            mosquitto.port, mode="free-run")
+    config.write_text(config.read_text().replace("loop = true", "loop = true\nfps = 20"))
+    notify = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(60)
+    daemon_env = dict(env(), NOTIFY_SOCKET=str(notify), WATCHDOG_USEC="1000000")
+    daemon_env.pop("WATCHDOG_PID", None)
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", SIDE_WEDGES_THEN_DIES, "run", str(config)], env=daemon_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        notes = []
+        while "WATCHDOG=1" not in notes:
+            notes.append(sock.recv(4096).decode())  # pings flow while both cameras judge
+        _out, err = proc.communicate(timeout=120)  # ends by itself, no signal sent
+    finally:
+        sock.close()
+    assert proc.returncode == 1, err
+    assert "no pipeline progress of side for 0.5 s; withholding watchdog pings" in err, \
+        "the wedged camera starved the watchdog although top kept judging"
+    assert "no pipeline progress of top" not in err
+    last = err.strip().splitlines()[-1]
+    assert last == ("edge-agent: error: camera side: the infer thread died (RuntimeError: planted bug in the infer "
+                    "thread); exiting so that systemd restarts the agent"), last
+    subscriber_wait(subscriber, lambda: subscriber.on("status")[-1].payload == b"offline")
+    verdicts = [json.loads(m.payload) for m in subscriber.on("verdict")]
+    for v in verdicts:
+        validate_v2(v)
+    side_results = [(v["cameras"][0]["result"], v["error_reason"]) for v in verdicts if v["camera"] == "side"]
+    assert side_results[:2] == [("OK", None), ("OK", None)]
+    assert side_results[2:] and all(r == ("ERROR", "internal") for r in side_results[2:]), \
+        "frames queued when side's infer thread died still got a verdict, ERROR"
+    top_results = [v["result"] for v in verdicts if v["camera"] == "top"]
+    assert len(top_results) > 2 and set(top_results) == {"OK"}, "top judged on while side was stuck"
