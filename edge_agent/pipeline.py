@@ -259,15 +259,20 @@ class Pipeline:
     def swap_model(self, model: Model, recipes: dict[str, Model] | None = None) -> None:
         """Use other models from the next frame on; ModelError if one does not take these frames."""
         recipes = dict(recipes) if recipes else {self.default_recipe: model}
-        old = expected_frame(self.model.scorer)
-        for m in recipes.values():
-            new = expected_frame(m.scorer)
-            if old != new:
-                raise ModelError(f"{m.scorer.path} takes {new[1]}x{new[0]}x{new[2]} frames but the running model "
-                                 f"takes {old[1]}x{old[0]}x{old[2]}; restart the agent to change the frame size")
+        self.check_models(recipes.values())
         # Reference assignments: the infer thread reads them once per frame.
         self.recipes = recipes
         self.model = model
+
+    def check_models(self, models: Any) -> None:
+        """ModelError unless every model takes the frames the running model takes."""
+        old = expected_frame(self.model.scorer)
+        for m in models:
+            new = expected_frame(m.scorer)
+            if old != new:
+                camera = f"camera {self.camera}: " if self.camera is not None else ""
+                raise ModelError(f"{camera}{m.scorer.path} takes {new[1]}x{new[0]}x{new[2]} frames but the running "
+                                 f"model takes {old[1]}x{old[0]}x{old[2]}; restart the agent to change the frame size")
 
     def _model_for(self, trig: Trigger | None) -> Model:
         recipe = trig.recipe if trig is not None and trig.recipe in self.recipes else self.default_recipe

@@ -20,7 +20,7 @@ from edge_agent.frames import Trigger
 from edge_agent.patches import PatchGrid
 from edge_agent.shared_scorer import ScoringService
 from edge_agent.verdict import part_result
-from tests.daemon_helpers import RunningAgent
+from tests.daemon_helpers import RunningAgent, wait_until
 from tests.live_camera import LiveCamera
 from tests.test_daemon import ROOT, THRESHOLD, Subscriber, agent, env, station_video, stop_daemon, subscriber  # noqa: F401
 
@@ -333,3 +333,58 @@ def test_a_stuck_then_dead_camera_is_not_hidden_by_a_working_one_the_watchdog_st
         "frames queued when side's infer thread died still got a verdict, ERROR"
     top_results = [v["result"] for v in verdicts if v["camera"] == "top"]
     assert len(top_results) > 2 and set(top_results) == {"OK"}, "top judged on while side was stuck"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("subscriber", ["5"], indirect=True)
+def test_sighup_reloads_every_cameras_threshold_and_a_failed_reload_keeps_the_running_models(
+        tmp_path, vae_model, mosquitto, subscriber):
+    import signal
+
+    top = station_video(tmp_path / "top.avi", 3)
+    side = station_video(tmp_path / "side.avi", 3)
+    config = station_config(tmp_path, vae_model, camera_toml("top", str(top)) +
+                            camera_toml("side", str(side), extra=f"threshold = {THRESHOLD}"), mosquitto.port)
+    text = config.read_text()
+    proc = subprocess.Popen(agent("run", str(config)), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+    reader.start()
+
+    def reload(new_text: str, outcome: str) -> None:
+        config.write_text(new_text)
+        seen = "".join(err).count(outcome)
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "".join(err).count(outcome) > seen or proc.poll() is not None, what=outcome)
+
+    try:
+        assert subscriber.wait_for("status", 1)[-1].payload == b"online"
+        trigger(subscriber, "P1")
+        subscriber.wait_for("verdict", 1)
+        reload(text.replace(f'id = "side"\nthreshold = {THRESHOLD}', 'id = "side"\nmodel = "missing.pt"'),
+               "reload failed")
+        trigger(subscriber, "P2")
+        subscriber.wait_for("verdict", 2)
+        reload(text.replace(f'id = "side"\nthreshold = {THRESHOLD}', 'id = "side"\nthreshold = 0.5'),
+               "reloaded the models of 2 cameras")
+        trigger(subscriber, "P3")
+        verdicts = [json.loads(m.payload) for m in subscriber.wait_for("verdict", 3)]
+        side_thresholds = lambda: [json.loads(m.payload)["cameras"]["side"]["recipes"][""]["threshold"]  # noqa: E731
+                                   for m in subscriber.on("status/info")]
+        subscriber_wait(subscriber, lambda: 0.5 in side_thresholds())  # status/info says what now runs
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+        reader.join(10)
+    log = "".join(err)
+    assert rc == 0 and "Traceback" not in log, log
+    failed = next(line for line in log.splitlines() if "reload failed" in line)
+    assert "keeping every camera's running models" in failed and "missing.pt" in failed, failed
+    for v in verdicts:
+        validate_v2(v)
+    thresholds = [{c: (r["threshold"], r["result"]) for c, r in by_camera(v).items()} for v in verdicts]
+    assert thresholds[0] == thresholds[1] == {"top": (THRESHOLD, "OK"), "side": (THRESHOLD, "OK")}, \
+        "a failed reload keeps the running models"
+    assert thresholds[2] == {"top": (THRESHOLD, "OK"), "side": (0.5, "NG")}, "the new threshold judges after SIGHUP"
+    assert verdicts[2]["result"] == "NG"
