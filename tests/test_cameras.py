@@ -182,6 +182,8 @@ def test_free_run_cameras_publish_their_own_verdicts(tmp_path, vae_model, mosqui
         assert v["part_id"] is None and [c["camera"] for c in v["cameras"]] == [v["camera"]]
     results = sorted((v["camera"], v["result"]) for v in verdicts)
     assert results == [("side", "NG"), ("side", "NG"), ("top", "OK"), ("top", "OK")]
+    printed = sorted(line.split(" ", 2)[2].split(" ", 1)[0] for _, _, line in agent_run.printed())
+    assert printed == ["cameras=side:NG"] * 2 + ["cameras=top:OK"] * 2, "--print-verdicts prints version 2 verdicts"
     assert len(subscriber.wait_for("heatmap/side", 2)) == 2
 
 
