@@ -268,6 +268,8 @@ def run_station(config: Config, max_frames: int | None = None,
     with contextlib.ExitStack() as stack:
         _serve_metrics(config, metrics, stack)
         state = _serve_page(config, metrics, model, stack)
+        if state is not None:
+            state.cameras(list(cameras))
         outbox = Outbox(config.outbox.dir, int(config.outbox.max_mb * 1024 * 1024))
         stack.callback(outbox.close)
         broker = start_embedded_if_needed(config.mqtt)

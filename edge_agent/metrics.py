@@ -302,6 +302,10 @@ class CameraMetrics:
         s = self._station
         s.camera_source_up.labels(camera=self.camera).set(1 if up else 0)
         s._cameras_up[self.camera] = up
+        for listener in s._health_listeners:
+            camera_source_up = getattr(listener, "camera_source_up", None)
+            if camera_source_up is not None:
+                camera_source_up(self.camera, up)  # the station page shows each camera's up/down
         s.camera_up(all(s._cameras_up.values()))
 
     def camera_reconnect(self) -> None:
