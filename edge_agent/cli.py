@@ -360,6 +360,14 @@ def run(
 
 
 def _print_verdict(v: dict) -> None:
+    if "cameras" in v:  # version 2 ([[cameras]]): the part's result and each camera's
+        part = f" part_id={v['part_id']}" if v["part_id"] is not None else ""
+        cams = ",".join(f"{c['camera']}:{c['result']}" for c in v["cameras"])
+        error = f" error={v['error']!r}" if v["error"] else ""
+        sys.stdout.write(f"seq={v['seq']} {v['result']} cameras={cams}{part} "
+                         f"heatmap={'yes' if v['heatmap'] else 'no'}{error}\n")
+        sys.stdout.flush()
+        return
     score = "-" if v["score"] is None else f"{v['score']:.6g}"
     part = f" part_id={v['part_id']}" if v["part_id"] is not None else ""
     error = f" error={v['error']!r}" if v["error"] else ""

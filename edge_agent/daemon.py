@@ -182,13 +182,14 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
     from edge_agent.mqtt import MqttPublisher
     from edge_agent.outbox import Outbox
     from edge_agent.pipeline import Pipeline
+    from edge_agent.reload import Reloader
     from edge_agent.retention import Retention
 
     overrides = overrides or []
     config = load_config(config_path, overrides)
     logging.getLogger().setLevel(config.logging.level)
     if config.cameras:
-        return run_station(config, max_frames, on_verdict)
+        return run_station(config, max_frames, on_verdict, config_path, overrides)
     stop = threading.Event()
     recipes = load_recipes(config)
     model = recipes[config.default_recipe_name()]
@@ -216,7 +217,7 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
         pipeline.publisher = publisher
         publisher.start()
         stack.callback(publisher.stop, config.outbox.flush_timeout_s)
-        reloader = _Reloader(config_path, overrides, config, pipeline, metrics)
+        reloader = Reloader(config_path, overrides, config, pipeline, metrics)
         _install_signals(stop, reloader)
         pipeline.state = state
         pipeline.start()
@@ -240,7 +241,8 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
 
 
 def run_station(config: Config, max_frames: int | None = None,
-                on_verdict: Callable[[dict[str, Any]], None] | None = None) -> int:
+                on_verdict: Callable[[dict[str, Any]], None] | None = None, config_path: Path | None = None,
+                overrides: list[str] | None = None) -> int:
     """The daemon for a station with [[cameras]]: one pipeline per camera, one shared scoring service."""
     from edge_agent.broker import start_embedded_if_needed
     from edge_agent.capture import make_source
@@ -248,6 +250,7 @@ def run_station(config: Config, max_frames: int | None = None,
     from edge_agent.mqtt import MqttPublisher
     from edge_agent.outbox import Outbox
     from edge_agent.pipeline import Pipeline
+    from edge_agent.reload import StationReloader
     from edge_agent.retention import Retention
     from edge_agent.shared_scorer import ScoringService
     from edge_agent.station import Station
@@ -258,13 +261,15 @@ def run_station(config: Config, max_frames: int | None = None,
     model = first_recipes[first_view.default_recipe_name()]
     metrics = Metrics(threshold=model.scorer.threshold, good_image_scores=model.scorer.good_image_scores)
     _model_info(metrics, model)
-    watchdog = systemd.Watchdog()
+    watchdog = systemd.Watchdog(lanes=list(cameras))  # one lane a camera: a stuck one cannot hide behind another
     boot_id = uuid.uuid4().hex[:12]
     station = Station(config, boot_id, metrics, on_verdict=on_verdict)
 
     with contextlib.ExitStack() as stack:
         _serve_metrics(config, metrics, stack)
         state = _serve_page(config, metrics, model, stack)
+        if state is not None:
+            state.cameras(list(cameras))
         outbox = Outbox(config.outbox.dir, int(config.outbox.max_mb * 1024 * 1024))
         stack.callback(outbox.close)
         broker = start_embedded_if_needed(config.mqtt)
@@ -275,7 +280,7 @@ def run_station(config: Config, max_frames: int | None = None,
         for cid, (view, recipes) in cameras.items():
             retention = Retention(view.retention) if view.retention.enabled else None
             pipe = Pipeline(view, recipes[view.default_recipe_name()], make_source(view.source), None,
-                            metrics.for_camera(cid), stop, watchdog=watchdog, retention=retention, boot_id=boot_id,
+                            metrics.for_camera(cid), stop, watchdog=watchdog.lane(cid), retention=retention, boot_id=boot_id,
                             max_frames=max_frames, recipes=recipes, camera=cid, scoring=scoring,
                             next_seq=station.next_seq)
             pipe.state = state
@@ -287,7 +292,10 @@ def run_station(config: Config, max_frames: int | None = None,
         station.publisher = publisher
         publisher.start()
         stack.callback(publisher.stop, config.outbox.flush_timeout_s)
-        _install_signals(stop, _NoReload())
+        if config_path is not None:
+            _install_signals(stop, StationReloader(config_path, overrides or [], config, station, metrics, state))
+        else:
+            _install_signals(stop, None)
         for pipe in pipelines:
             pipe.start()
         watchdog.start()
@@ -333,11 +341,6 @@ def station_info(config: Config, station: Any) -> dict[str, Any]:
     }
 
 
-class _NoReload:
-    def request(self) -> None:
-        logger.warning("SIGHUP: reloading models is not supported with [[cameras]] yet; restart the agent")
-
-
 def status_info(config: Config, pipeline: Pipeline) -> dict[str, Any]:
     """The retained status/info document: what this agent runs, for integrators."""
     return {
@@ -362,7 +365,7 @@ def _model_info(metrics: Metrics, model: Model) -> None:
     metrics.device_fallback(getattr(s, "device_fallback", None) is not None)
 
 
-def _install_signals(stop: threading.Event, reloader: _Reloader) -> None:
+def _install_signals(stop: threading.Event, reloader: Any) -> None:
     def on_stop(signum: int, _frame: object) -> None:
         if stop.is_set():
             return
@@ -371,59 +374,5 @@ def _install_signals(stop: threading.Event, reloader: _Reloader) -> None:
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, lambda *_: reloader.request())
-
-
-class _Reloader:
-    """SIGHUP: load the model file and threshold again on a `reload` thread, then swap between frames.
-
-    The broker connection, capture and queue stay up; a bad new file keeps the old model.
-    """
-
-    def __init__(self, config_path: Path, overrides: list[str], config: Config, pipeline: Pipeline,
-                 metrics: Metrics) -> None:
-        self.config_path = config_path
-        self.overrides = overrides
-        self.config = config
-        self.pipeline = pipeline
-        self.metrics = metrics
-        self._lock = threading.Lock()
-
-    def request(self) -> None:
-        threading.Thread(target=self.reload, name="reload", daemon=True).start()
-
-    def reload(self) -> bool:
-        with self._lock:
-            systemd.reloading()
-            try:
-                config = load_config(self.config_path, self.overrides)
-                for section in ("station", "source", "inspection", "trigger", "mqtt", "outbox", "metrics", "retention",
-                                "web"):
-                    if getattr(config, section) != getattr(self.config, section):
-                        logger.warning("reload: changes in [%s] take effect only after a restart", section)
-                if set(config.recipes) != set(self.config.recipes):
-                    raise ConfigError(f"the recipe names changed ({sorted(self.config.recipes)} -> "
-                                      f"{sorted(config.recipes)}); restart the agent to add or remove recipes")
-                recipes = load_recipes(config.model_copy(update={"source": self.config.source,
-                                                                 "inspection": self.config.inspection}))
-                model = recipes[self.config.default_recipe_name()]
-                self.pipeline.swap_model(model, recipes)
-            except EdgeAgentError as e:
-                logger.error("reload failed, keeping model %s (threshold %.6g): %s",
-                             self.pipeline.model.scorer.model_id, self.pipeline.model.scorer.threshold, e)
-                return False
-            except Exception as e:
-                logger.error("reload failed, keeping the running model: %s: %s", type(e).__name__, e)
-                return False
-            finally:
-                systemd.ready()
-            if self.pipeline.state is not None:
-                self.pipeline.state.model(model.scorer, threshold_from_config=config.model.threshold is not None)
-            s = model.scorer
-            _model_info(self.metrics, model)
-            publish_info = getattr(self.pipeline.publisher, "publish_info", None)
-            if publish_info is not None:
-                publish_info()
-            logger.info("reloaded model %s (checksum %s, %s, threshold %.6g)", s.model_id, s.checksum[:12],
-                        s.score_name, s.threshold)
-            return True
+    if reloader is not None:
+        signal.signal(signal.SIGHUP, lambda *_: reloader.request())

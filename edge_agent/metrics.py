@@ -140,6 +140,10 @@ class Metrics:
         self.camera_source_reconnects = Counter(
             "edge_agent_camera_source_reconnects", "Attempts to reopen this camera after an outage.", ["camera"],
             registry=r)
+        # A second family, not a camera label on edge_agent_stage_seconds: one-camera dashboards keep their series.
+        self.camera_stage_seconds = Histogram(
+            "edge_agent_camera_stage_seconds", "Time spent per pipeline stage, by camera (stations with [[cameras]]).",
+            ["camera", "stage"], buckets=SECONDS_BUCKETS, registry=r)
         self.parts = Counter("edge_agent_parts", "Triggered parts answered with one verdict over their cameras, by "
                              "verdict.", ["result"], registry=r)
         self._cameras_up: dict[str, bool] = {}
@@ -274,6 +278,8 @@ class Metrics:
         for result in RESULTS:
             self.camera_frames.labels(camera=camera, result=result)
         self.camera_source_reconnects.labels(camera=camera)
+        for stage in STAGES:
+            self.camera_stage_seconds.labels(camera=camera, stage=stage)
         self.camera_source_up.labels(camera=camera).set(0)
         self._cameras_up[camera] = False
         return CameraMetrics(self, camera)
@@ -302,7 +308,17 @@ class CameraMetrics:
         s = self._station
         s.camera_source_up.labels(camera=self.camera).set(1 if up else 0)
         s._cameras_up[self.camera] = up
+        for listener in s._health_listeners:
+            camera_source_up = getattr(listener, "camera_source_up", None)
+            if camera_source_up is not None:
+                camera_source_up(self.camera, up)  # the station page shows each camera's up/down
         s.camera_up(all(s._cameras_up.values()))
+
+    def stages(self, stage_s: Mapping[str, float]) -> None:
+        """Each stage into the station's histogram and this camera's: a slow camera is found by its label."""
+        for stage, seconds in stage_s.items():
+            self._station.camera_stage_seconds.labels(camera=self.camera, stage=stage).observe(seconds)
+        self._station.stages(stage_s)
 
     def camera_reconnect(self) -> None:
         self._station.camera_source_reconnects.labels(camera=self.camera).inc()

@@ -145,6 +145,7 @@ class Pipeline:
         self._backlog: deque[Frame] = deque()
         self._backlog_lock = threading.Lock()
         self._errors_logged = 0
+        self._in_hand: Any = None  # the item the infer thread took from the queue and has not yet inspected
         self._infer = threading.Thread(target=self._infer_loop, name=f"infer:{camera}" if camera else "infer",
                                        daemon=True)
 
@@ -175,6 +176,8 @@ class Pipeline:
                     break
                 self._backlog.popleft()
         self._infer.join(max(0.1, deadline - time.monotonic()))
+        if self._infer.ident is not None and not self._infer.is_alive():
+            self._answer_stranded_frames()
         self._answer_pending_triggers()
         if self._infer.is_alive():
             logger.error("inference did not drain within %.0f s; %d frames not inspected", timeout_s,
@@ -182,6 +185,36 @@ class Pipeline:
             return False
         logger.info("drained: %d frames inspected", self.inspected)
         return True
+
+    def _answer_stranded_frames(self) -> None:
+        """Frames left queued after the infer thread ended (it died): each still gets a verdict, ERROR."""
+        stranded = [self._in_hand] if self._in_hand is not None and self._in_hand is not _END else []
+        self._in_hand = None
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _END:
+                stranded.append(item)
+        with self._backlog_lock:
+            stranded += list(self._backlog)
+            self._backlog.clear()
+        if not stranded:
+            return
+        logger.error("%d frames were queued when inference ended; publishing ERROR verdicts for them", len(stranded))
+        for frame in stranded:
+            model = self._model_for(frame.trigger)
+            decision = failed(f"not judged: {self.fatal or 'inference ended'}", "internal")
+            verdict = self._document(frame, model.scorer, decision, {}, False)
+            self.metrics.error("inference")
+            self.metrics.frame_result("ERROR", "internal")
+            if self.publisher is not None:
+                self.publisher.publish_verdict(verdict, None)
+            if frame.trigger is not None:
+                self._completed(frame.trigger, verdict)
+            if self.on_verdict is not None:
+                self.on_verdict(verdict)
 
     def _answer_pending_triggers(self) -> None:
         """An accepted trigger is a promise of a verdict: at shutdown, those that saw no frame get ERROR."""
@@ -226,15 +259,20 @@ class Pipeline:
     def swap_model(self, model: Model, recipes: dict[str, Model] | None = None) -> None:
         """Use other models from the next frame on; ModelError if one does not take these frames."""
         recipes = dict(recipes) if recipes else {self.default_recipe: model}
-        old = expected_frame(self.model.scorer)
-        for m in recipes.values():
-            new = expected_frame(m.scorer)
-            if old != new:
-                raise ModelError(f"{m.scorer.path} takes {new[1]}x{new[0]}x{new[2]} frames but the running model "
-                                 f"takes {old[1]}x{old[0]}x{old[2]}; restart the agent to change the frame size")
+        self.check_models(recipes.values())
         # Reference assignments: the infer thread reads them once per frame.
         self.recipes = recipes
         self.model = model
+
+    def check_models(self, models: Any) -> None:
+        """ModelError unless every model takes the frames the running model takes."""
+        old = expected_frame(self.model.scorer)
+        for m in models:
+            new = expected_frame(m.scorer)
+            if old != new:
+                camera = f"camera {self.camera}: " if self.camera is not None else ""
+                raise ModelError(f"{camera}{m.scorer.path} takes {new[1]}x{new[0]}x{new[2]} frames but the running "
+                                 f"model takes {old[1]}x{old[0]}x{old[2]}; restart the agent to change the frame size")
 
     def _model_for(self, trig: Trigger | None) -> Model:
         recipe = trig.recipe if trig is not None and trig.recipe in self.recipes else self.default_recipe
@@ -293,7 +331,15 @@ class Pipeline:
 
     def _on_capture_died(self, error: str) -> None:
         """The capture thread ended on a bug: nothing will be inspected, so the agent must exit non-zero."""
-        self.fatal = f"the capture thread died ({error}); exiting so that systemd restarts the agent"
+        self._died("capture", error)
+
+    def _died(self, thread: str, error: str) -> None:
+        """A capture or infer thread ended on a bug: stop feeding the watchdog, drain, exit non-zero.
+
+        With several cameras one dead camera stops the whole station (a camera merely unplugged does not)."""
+        camera = f"camera {self.camera}: " if self.camera is not None else ""
+        if self.fatal is None:
+            self.fatal = f"{camera}the {thread} thread died ({error}); exiting so that systemd restarts the agent"
         if self.watchdog is not None:
             self.watchdog.idle_ok(False)  # no more pings: a wedged shutdown is still caught by systemd
             stop_watchdog = getattr(self.watchdog, "stop", None)
@@ -406,7 +452,9 @@ class Pipeline:
                 return True
             except queue.Full:
                 if self._infer.ident is not None and not self._infer.is_alive():
-                    return False  # nobody will ever take it
+                    with self._backlog_lock:  # nobody will ever take it: drain() answers it with ERROR
+                        self._backlog.append(frame)
+                    return False
 
     def _put_latest(self, frame: Frame) -> None:
         while True:
@@ -427,6 +475,14 @@ class Pipeline:
     # Infer thread
 
     def _infer_loop(self) -> None:
+        try:
+            self._infer_frames()
+        except Exception as e:
+            # A bug outside inspect() (which answers its own failures): nothing more is judged here.
+            logger.exception("the infer thread ends on a bug")
+            self._died("infer", f"{type(e).__name__}: {e}")
+
+    def _infer_frames(self) -> None:
         while True:
             if self.triggered:
                 self._expire_triggers()
@@ -436,9 +492,11 @@ class Pipeline:
             except queue.Empty:
                 self._feed_backlog()  # the camera may be down: nobody else moves the backlog on
                 continue
+            self._in_hand = item  # until inspect() owns it: a death in between must not lose the frame
             self._feed_backlog()
             if item is _END:
                 return
+            self._in_hand = None
             try:
                 self.inspect(item)
             except Exception:

@@ -26,8 +26,9 @@ RATE_WINDOW_S = 30.0  # frames/s over the verdicts of the last 30 s
 class _Entry:
     verdict: dict[str, Any]
     heatmap_jpeg: bytes | None  # the overlay the publisher sent over MQTT
-    image: np.ndarray | None  # HWC uint8; kept for the newest entry only, encoded when a page asks
+    image: np.ndarray | None  # HWC uint8; kept for each camera's newest entry only, encoded when a page asks
     frame_jpeg: bytes | None = None
+    camera: str | None = None  # with [[cameras]]: whose frame
 
 
 class StationState:
@@ -47,7 +48,14 @@ class StationState:
         self._health: dict[str, Any] = {"camera_up": None, "broker_connected": None, "outbox_depth": None}
         self._changed_at: dict[str, float | None] = {k: None for k in self._health}
         self._model: dict[str, Any] = {}
+        self._latest: dict[str | None, _Entry] = {}  # camera (None: the one camera) -> its newest entry
+        self._cameras: dict[str, dict[str, Any]] = {}  # with [[cameras]]: id -> {"up", "changed_at"}
         self.started_at = clock()
+
+    def cameras(self, ids: list[str]) -> None:
+        """A station with [[cameras]]: the page shows each camera's latest verdict and up/down."""
+        with self._lock:
+            self._cameras = {cid: {"up": None, "changed_at": None} for cid in ids}
 
     # Writers
 
@@ -57,10 +65,14 @@ class StationState:
         now = self._clock()
         result = verdict.get("result", "ERROR")
         keep_frame = heatmap_jpeg is None and image is not None and image.size > 0  # a page may ask to see it
-        entry = _Entry(dict(verdict), heatmap_jpeg, image if keep_frame else None)
+        doc = dict(verdict)
+        camera = doc.pop("camera", None)  # the view carries it; the verdict stays a version 1 document
+        entry = _Entry(doc, heatmap_jpeg, image if keep_frame else None, camera=camera)
         with self._lock:
-            if self._recent:
-                self._recent[-1].image = None  # only the newest raw frame is held
+            previous = self._latest.get(camera)
+            if previous is not None:
+                previous.image = None  # only each camera's newest raw frame is held
+            self._latest[camera] = entry
             self._recent.append(entry)
             self._counts[result] = self._counts.get(result, 0) + 1
             self._arrivals.append(now)
@@ -69,7 +81,14 @@ class StationState:
                 self._latency_s.append(max(0.0, now - captured_at))
 
     def camera_up(self, up: bool) -> None:
-        self._set("camera_up", bool(up))
+        self._set("camera_up", bool(up))  # with [[cameras]]: up only while every camera is
+
+    def camera_source_up(self, camera: str, up: bool) -> None:
+        with self._lock:
+            cam = self._cameras.setdefault(camera, {"up": None, "changed_at": None})
+            if cam["up"] != bool(up):
+                cam["changed_at"] = self._clock()
+            cam["up"] = bool(up)
 
     def broker_connected(self, connected: bool) -> None:
         self._set("broker_connected", bool(connected))
@@ -113,6 +132,8 @@ class StationState:
             changed = dict(self._changed_at)
             model = dict(self._model) if self._model else None
             latest_view = self._view(latest) if latest else None
+            cameras = {cid: {**cam, "latest": self._view(self._latest[cid]) if cid in self._latest else None}
+                       for cid, cam in self._cameras.items()}
         inspected = sum(counts.values())
         recent = [t for t in arrivals if t >= now - RATE_WINDOW_S]
         fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 and recent[-1] > recent[0] else 0.0
@@ -133,6 +154,7 @@ class StationState:
             },
             "health": {**health, "changed_at": changed},
             "model": model,
+            **({"cameras": cameras} if cameras else {}),
         }
 
     def verdicts(self, since: int = 0, limit: int | None = None) -> dict[str, Any]:
@@ -150,7 +172,9 @@ class StationState:
     def image(self, seq: int) -> tuple[bytes, str] | None:
         """(JPEG, "heatmap" | "frame") for a kept verdict; a frame without a heatmap is encoded here, once."""
         with self._lock:
-            entry = next((e for e in reversed(self._recent) if e.verdict.get("seq") == seq), None)
+            # A camera's newest verdict stays viewable after busier cameras pushed it out of the recent ones.
+            kept = [*self._recent, *self._latest.values()]
+            entry = next((e for e in reversed(kept) if e.verdict.get("seq") == seq), None)
             if entry is None:
                 return None
             if entry.heatmap_jpeg is not None:
@@ -177,4 +201,7 @@ class StationState:
             kind = "frame"
         else:
             kind = None
-        return {"verdict": entry.verdict, "image": f"/api/image/{seq}.jpg" if kind else None, "image_kind": kind}
+        view = {"verdict": entry.verdict, "image": f"/api/image/{seq}.jpg" if kind else None, "image_kind": kind}
+        if entry.camera is not None:
+            view["camera"] = entry.camera
+        return view

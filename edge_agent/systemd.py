@@ -72,46 +72,61 @@ def watchdog_interval_s(env: Mapping[str, str] | None = None) -> float | None:
 
 
 class Watchdog:
-    """Pings WATCHDOG=1 every interval, but only if progress() was called since the last ping
-    or the pipeline declared itself idle by design (idle_ok(True), e.g. waiting for a trigger).
+    """Pings WATCHDOG=1 every interval, but only if every lane made progress since the last ping
+    or declared itself idle by design (idle_ok(True), e.g. waiting for a trigger or a camera).
+
+    One lane by default (progress()/idle_ok() on the watchdog itself). A station with several cameras
+    gives each camera its own lane (lanes=[...], lane(id)), so a wedged camera cannot hide behind
+    a busy one.
     """
 
-    def __init__(self, interval_s: float | None = None, send: Callable[[], bool] = watchdog_ping) -> None:
+    def __init__(self, interval_s: float | None = None, send: Callable[[], bool] = watchdog_ping,
+                 lanes: list[str] | None = None) -> None:
         """interval_s=None reads WATCHDOG_USEC; without it start() does nothing."""
         self.interval_s = watchdog_interval_s() if interval_s is None else interval_s
         self._send = send
-        self._progress = 0
-        self._seen = 0
-        self._idle_ok = False
-        self._starved = False
+        # lane -> [progress count, count at the last beat, idle by design]
+        self._lanes: dict[str, list] = {name: [0, 0, False] for name in (lanes or [""])}
+        self._starved: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def progress(self) -> None:
+    def lane(self, name: str) -> WatchdogLane:
+        """The progress/idle_ok/stop hooks of one declared lane (a camera)."""
+        if name not in self._lanes:
+            raise KeyError(f"watchdog lane {name!r} was not declared; lanes: {sorted(self._lanes)}")
+        return WatchdogLane(self, name)
+
+    def progress(self, lane: str = "") -> None:
         """Call after each unit of real work (an inference batch)."""
         with self._lock:
-            self._progress += 1
+            self._lanes[lane][0] += 1
 
-    def idle_ok(self, idle: bool) -> None:
+    def idle_ok(self, idle: bool, lane: str = "") -> None:
         """True while no progress is expected (waiting for a trigger or a camera); pings continue."""
         with self._lock:
-            self._idle_ok = idle
+            self._lanes[lane][2] = idle
 
     def beat(self) -> bool:
-        """One heartbeat: ping if progress happened since the last beat or idle is OK; True if pinged."""
+        """One heartbeat: ping if every lane progressed since the last beat or is idle by design; True if pinged."""
         with self._lock:
-            advanced = self._progress != self._seen
-            self._seen = self._progress
-            allowed = advanced or self._idle_ok
-        if not allowed:
-            if not self._starved:
-                logger.warning("no pipeline progress for %.1f s; withholding watchdog pings", self.interval_s or 0)
-                self._starved = True
+            starved = []
+            for name, state in self._lanes.items():
+                advanced = state[0] != state[1]
+                state[1] = state[0]
+                if not (advanced or state[2]):
+                    starved.append(name)
+        if starved:
+            if starved != self._starved:
+                who = "" if starved == [""] else f" of {', '.join(starved)}"
+                logger.warning("no pipeline progress%s for %.1f s; withholding watchdog pings", who,
+                               self.interval_s or 0)
+                self._starved = starved
             return False
         if self._starved:
             logger.info("pipeline progressing again; watchdog pings resumed")
-            self._starved = False
+            self._starved = []
         return self._send()
 
     def start(self) -> None:
@@ -131,3 +146,21 @@ class Watchdog:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+
+class WatchdogLane:
+    """One camera's hooks into the station's watchdog (pipeline.Progress)."""
+
+    def __init__(self, watchdog: Watchdog, name: str) -> None:
+        self.watchdog = watchdog
+        self.name = name
+
+    def progress(self) -> None:
+        self.watchdog.progress(self.name)
+
+    def idle_ok(self, idle: bool) -> None:
+        self.watchdog.idle_ok(idle, self.name)
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """No more pings for anyone: a dead camera thread makes the whole agent unhealthy."""
+        self.watchdog.stop(timeout)

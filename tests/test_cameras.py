@@ -20,7 +20,7 @@ from edge_agent.frames import Trigger
 from edge_agent.patches import PatchGrid
 from edge_agent.shared_scorer import ScoringService
 from edge_agent.verdict import part_result
-from tests.daemon_helpers import RunningAgent
+from tests.daemon_helpers import RunningAgent, wait_until
 from tests.live_camera import LiveCamera
 from tests.test_daemon import ROOT, THRESHOLD, Subscriber, agent, env, station_video, stop_daemon, subscriber  # noqa: F401
 
@@ -182,6 +182,8 @@ def test_free_run_cameras_publish_their_own_verdicts(tmp_path, vae_model, mosqui
         assert v["part_id"] is None and [c["camera"] for c in v["cameras"]] == [v["camera"]]
     results = sorted((v["camera"], v["result"]) for v in verdicts)
     assert results == [("side", "NG"), ("side", "NG"), ("top", "OK"), ("top", "OK")]
+    printed = sorted(line.split(" ", 2)[2].split(" ", 1)[0] for _, _, line in agent_run.printed())
+    assert printed == ["cameras=side:NG"] * 2 + ["cameras=top:OK"] * 2, "--print-verdicts prints version 2 verdicts"
     assert len(subscriber.wait_for("heatmap/side", 2)) == 2
 
 
@@ -261,3 +263,130 @@ def test_frames_of_cameras_that_share_a_model_go_through_one_forward_pass():
     service.close()
     assert scorer.passes == [4, 12], "the three frames queued during a pass share the next one"
     assert [float(out[i][0]) for i in range(4)] == [0.0, 1.0, 2.0, 3.0], "each camera gets its own frame's scores"
+
+
+# The daemon with one planted bug: camera side's infer thread, after two verdicts, wedges until the watchdog
+# withholds its pings (top keeps judging meanwhile), then dies. Everything else is the real agent.
+SIDE_WEDGES_THEN_DIES = """
+import logging, sys, threading, time
+from edge_agent import pipeline
+withheld = threading.Event()
+class Spy(logging.Handler):
+    def emit(self, record):
+        if "withholding watchdog pings" in record.getMessage():
+            withheld.set()
+logging.getLogger("edge_agent.systemd").addHandler(Spy())
+real_feed = pipeline.Pipeline._feed_backlog
+def feed(self):
+    if self.camera == "side" and self.inspected >= 2 and threading.current_thread().name == "infer:side":
+        withheld.wait(60)
+        deadline = time.monotonic() + 60
+        while self.queue.empty() and time.monotonic() < deadline:
+            self.stop.wait(0.05)  # so that a frame is left queued for drain() to answer
+        raise RuntimeError("planted bug in the infer thread")
+    return real_feed(self)
+pipeline.Pipeline._feed_backlog = feed
+from edge_agent.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("subscriber", ["5"], indirect=True)
+def test_a_stuck_then_dead_camera_is_not_hidden_by_a_working_one_the_watchdog_starves_and_the_agent_exits_1(
+        tmp_path, vae_model, mosquitto, subscriber):
+    import socket
+    import sys
+
+    top = station_video(tmp_path / "top.avi", 3)
+    side = station_video(tmp_path / "side.avi", 3)
+    config = station_config(tmp_path, vae_model, camera_toml("top", str(top)) + camera_toml("side", str(side)),
+                            mosquitto.port, mode="free-run")
+    config.write_text(config.read_text().replace("loop = true", "loop = true\nfps = 20"))
+    notify = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(60)
+    daemon_env = dict(env(), NOTIFY_SOCKET=str(notify), WATCHDOG_USEC="1000000")
+    daemon_env.pop("WATCHDOG_PID", None)
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", SIDE_WEDGES_THEN_DIES, "run", str(config)], env=daemon_env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        notes = []
+        while "WATCHDOG=1" not in notes:
+            notes.append(sock.recv(4096).decode())  # pings flow while both cameras judge
+        _out, err = proc.communicate(timeout=120)  # ends by itself, no signal sent
+    finally:
+        sock.close()
+    assert proc.returncode == 1, err
+    assert "no pipeline progress of side for 0.5 s; withholding watchdog pings" in err, \
+        "the wedged camera starved the watchdog although top kept judging"
+    assert "no pipeline progress of top" not in err
+    last = err.strip().splitlines()[-1]
+    assert last == ("edge-agent: error: camera side: the infer thread died (RuntimeError: planted bug in the infer "
+                    "thread); exiting so that systemd restarts the agent"), last
+    subscriber_wait(subscriber, lambda: subscriber.on("status")[-1].payload == b"offline")
+    verdicts = [json.loads(m.payload) for m in subscriber.on("verdict")]
+    for v in verdicts:
+        validate_v2(v)
+    side_results = [(v["cameras"][0]["result"], v["error_reason"]) for v in verdicts if v["camera"] == "side"]
+    assert side_results[:2] == [("OK", None), ("OK", None)]
+    assert side_results[2:] and all(r == ("ERROR", "internal") for r in side_results[2:]), \
+        "frames queued when side's infer thread died still got a verdict, ERROR"
+    top_results = [v["result"] for v in verdicts if v["camera"] == "top"]
+    assert len(top_results) > 2 and set(top_results) == {"OK"}, "top judged on while side was stuck"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("subscriber", ["5"], indirect=True)
+def test_sighup_reloads_every_cameras_threshold_and_a_failed_reload_keeps_the_running_models(
+        tmp_path, vae_model, mosquitto, subscriber):
+    import signal
+
+    top = station_video(tmp_path / "top.avi", 3)
+    side = station_video(tmp_path / "side.avi", 3)
+    config = station_config(tmp_path, vae_model, camera_toml("top", str(top)) +
+                            camera_toml("side", str(side), extra=f"threshold = {THRESHOLD}"), mosquitto.port)
+    text = config.read_text()
+    proc = subprocess.Popen(agent("run", str(config)), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+    reader.start()
+
+    def reload(new_text: str, outcome: str) -> None:
+        config.write_text(new_text)
+        seen = "".join(err).count(outcome)
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "".join(err).count(outcome) > seen or proc.poll() is not None, what=outcome)
+
+    try:
+        assert subscriber.wait_for("status", 1)[-1].payload == b"online"
+        trigger(subscriber, "P1")
+        subscriber.wait_for("verdict", 1)
+        reload(text.replace(f'id = "side"\nthreshold = {THRESHOLD}', 'id = "side"\nmodel = "missing.pt"'),
+               "reload failed")
+        trigger(subscriber, "P2")
+        subscriber.wait_for("verdict", 2)
+        reload(text.replace(f'id = "side"\nthreshold = {THRESHOLD}', 'id = "side"\nthreshold = 0.5'),
+               "reloaded the models of 2 cameras")
+        trigger(subscriber, "P3")
+        verdicts = [json.loads(m.payload) for m in subscriber.wait_for("verdict", 3)]
+        side_thresholds = lambda: [json.loads(m.payload)["cameras"]["side"]["recipes"][""]["threshold"]  # noqa: E731
+                                   for m in subscriber.on("status/info")]
+        subscriber_wait(subscriber, lambda: 0.5 in side_thresholds())  # status/info says what now runs
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+        reader.join(10)
+    log = "".join(err)
+    assert rc == 0 and "Traceback" not in log, log
+    failed = next(line for line in log.splitlines() if "reload failed" in line)
+    assert "keeping every camera's running models" in failed and "missing.pt" in failed, failed
+    for v in verdicts:
+        validate_v2(v)
+    thresholds = [{c: (r["threshold"], r["result"]) for c, r in by_camera(v).items()} for v in verdicts]
+    assert thresholds[0] == thresholds[1] == {"top": (THRESHOLD, "OK"), "side": (THRESHOLD, "OK")}, \
+        "a failed reload keeps the running models"
+    assert thresholds[2] == {"top": (THRESHOLD, "OK"), "side": (0.5, "NG")}, "the new threshold judges after SIGHUP"
+    assert verdicts[2]["result"] == "NG"

@@ -322,7 +322,8 @@ def test_sighup_reload_swaps_model_and_threshold_and_keeps_the_old_on_a_bad_file
     import threading as th
 
     from edge_agent.capture import make_source
-    from edge_agent.daemon import _Reloader, load_model
+    from edge_agent.daemon import load_model
+    from edge_agent.reload import Reloader as _Reloader
     from edge_agent.metrics import Metrics
     from edge_agent.pipeline import Pipeline
 

@@ -301,6 +301,7 @@ def exported_metric_names() -> set[str]:
 
     metrics = Metrics()
     metrics.calibration(1.0, {"p99": 0.5})
+    metrics.for_camera("top")  # a station with [[cameras]] exports the per-camera series too
     text = generate_latest(metrics.registry).decode()
     return set(re.findall(r"^(edge_agent_\w+)", text, re.M)) | set(re.findall(r"^# HELP (edge_agent_\w+)", text, re.M))
 

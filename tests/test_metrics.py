@@ -195,3 +195,18 @@ def test_the_drift_alert_fires_on_the_buckets_the_daemon_exports_for_any_score(t
     done = subprocess.run(["promtool", "test", "rules", "drift_test.yml"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_cameras_stages_go_to_its_own_histogram_and_the_one_camera_series_stay_as_they_were():
+    metrics = Metrics()
+    top, side = metrics.for_camera("top"), metrics.for_camera("side")
+    top.stages({"inference": 0.5, "queue": 0.25})
+    side.stages({"inference": 0.75})
+    get = metrics.registry.get_sample_value
+    assert get("edge_agent_camera_stage_seconds_count", {"camera": "top", "stage": "inference"}) == 1
+    assert get("edge_agent_camera_stage_seconds_sum", {"camera": "side", "stage": "inference"}) == 0.75
+    assert get("edge_agent_camera_stage_seconds_count", {"camera": "side", "stage": "publish"}) == 0, \
+        "known stages start at 0 for every camera"
+    # The series one-camera dashboards and alerts read: same name, same labels, every camera's frames.
+    assert get("edge_agent_stage_seconds_count", {"stage": "inference"}) == 2
+    assert get("edge_agent_stage_seconds_sum", {"stage": "inference"}) == 1.25

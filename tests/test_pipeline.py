@@ -421,3 +421,32 @@ def test_a_trigger_past_its_deadline_gets_one_error_verdict_and_no_frame_later()
     assert (v["trigger_id"], v["result"]) == ("t1", "ERROR") and "trigger.deadline_s = 0.5 s" in v["error"]
     validate(v)
     assert sample(metrics, "edge_agent_errors_total", stage="trigger_deadline") == 1
+
+
+def test_a_dead_infer_thread_stops_the_watchdog_marks_it_fatal_and_every_frame_read_still_gets_a_verdict():
+    pipeline, publisher, metrics = make_pipeline(source=FakeSource(n=1000), inspection={"queue_size": 2})
+    pipeline.camera = "side"
+    pipeline.watchdog = RecordingWatchdog()
+    real_feed = pipeline._feed_backlog
+
+    def feed():  # a bug on the infer thread outside inspect(), after its first verdict
+        if pipeline.inspected >= 1 and threading.current_thread().name == "infer":
+            raise RuntimeError("planted bug")
+        real_feed()
+
+    pipeline._feed_backlog = feed
+    pipeline.start()
+    assert pipeline.stop.wait(10), "a dead infer thread stops the agent"
+    pipeline.drain(10)
+    assert pipeline.fatal.startswith("camera side: the infer thread died (RuntimeError: planted bug)")
+    assert pipeline.watchdog.calls[-2:] == [("idle_ok", False), "stop"], "no more pings"
+    read = pipeline.capture.counts["frames"]
+    assert read >= 2
+    assert sorted(v["seq"] for v in publisher.verdicts) == list(range(1, read + 1)), "no frame read is lost"
+    first, *stranded = publisher.verdicts
+    assert first["result"] == "OK"
+    assert all(v["result"] == "ERROR" and v["error_reason"] == "internal" and "infer thread died" in v["error"]
+               for v in stranded)
+    for v in stranded:
+        validate({k: x for k, x in v.items() if k != "camera"})  # the station wraps it into its camera's result
+    assert sample(metrics, "edge_agent_error_verdicts_total", reason="internal") == len(stranded)

@@ -117,3 +117,39 @@ def test_watchdog_without_interval_does_not_start(monkeypatch):
     dog.start()
     assert not any(t.name == "watchdog" for t in threading.enumerate())
     dog.stop()
+
+
+def test_a_camera_lane_that_stops_progressing_withholds_pings_though_another_camera_works(caplog):
+    pings = []
+    dog = systemd.Watchdog(interval_s=1.0, send=lambda: pings.append(1) or True, lanes=["top", "side"])
+    top, side = dog.lane("top"), dog.lane("side")
+    top.progress()
+    side.progress()
+    assert dog.beat() is True
+    top.progress()
+    assert dog.beat() is False, "side is stuck: top's progress must not hide it"
+    assert "no pipeline progress of side for 1.0 s" in caplog.text
+    side.idle_ok(True)  # unplugged (being retried) or waiting for a trigger: not stuck
+    top.progress()
+    assert dog.beat() is True
+    top.idle_ok(True)
+    assert dog.beat() is True, "both idle by design"
+    side.idle_ok(False)
+    assert dog.beat() is False
+    assert len(pings) == 3
+
+
+def test_a_lane_that_was_not_declared_is_refused():
+    dog = systemd.Watchdog(interval_s=1.0, lanes=["top"])
+    with pytest.raises(KeyError, match="lane 'side' was not declared"):
+        dog.lane("side")
+
+
+def test_stopping_one_lane_stops_every_ping(notify_socket):
+    dog = systemd.Watchdog(interval_s=0.02, lanes=["top", "side"])
+    dog.idle_ok(True, "top")
+    dog.idle_ok(True, "side")
+    dog.start()
+    assert received(notify_socket) == "WATCHDOG=1"
+    dog.lane("side").stop(5)
+    assert not any(t.name == "watchdog" for t in threading.enumerate()), "a dead camera ends the heartbeat"

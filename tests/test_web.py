@@ -411,3 +411,49 @@ def test_a_taken_page_port_stops_the_agent_with_one_line(tmp_path, vae_model):
     errors = [line for line in done.stderr.splitlines() if line.startswith("edge-agent: error")]
     assert len(errors) == 1 and f"station page 127.0.0.1:{port}" in errors[0] and "web.port" in errors[0], done.stderr
     assert "Traceback" not in done.stderr
+
+
+@needs_chromium
+@pytest.mark.integration
+def test_a_real_browser_shows_each_cameras_latest_verdict_and_which_camera_is_down(tmp_path, vae_model, mosquitto):
+    from tests.live_camera import LiveCamera
+    from tests.test_cameras import camera_toml, station_config
+
+    web_port = free_port()
+    live = LiveCamera(free_port(), fps=10).start()
+    side = station_video(tmp_path / "side.avi", 2, defective={0, 1})
+    config = station_config(tmp_path, vae_model, camera_toml("top", live.url, "url") +
+                            camera_toml("side", str(side)).replace("loop = true", "loop = true\nfps = 5"),
+                            mosquitto.port, mode="free-run")
+    config.write_text(config.read_text().replace("[web]\nenabled = false", f"[web]\nport = {web_port}"))
+    base = f"http://127.0.0.1:{web_port}"
+    agent = RunningAgent(config)
+    try:
+        wait_until(lambda: f"station page on {base}/" in agent.stderr or agent.proc.poll() is not None,
+                   what="the page's start line")
+        cams = lambda: get_json(base + "/api/state").get("cameras", {})  # noqa: E731
+        wait_until(lambda: all(c["latest"] for c in cams().values()), what="a verdict from each camera")
+        live.stop()  # top unplugged: it is retried, side goes on
+        wait_until(lambda: cams()["top"]["up"] is False, what="top shown down")
+        state = get_json(base + "/api/state")
+        dom = Dom(browse(base + "/", tmp_path, "--dump-dom"))
+    finally:
+        live.stop()
+        rc, _ = agent.terminate()
+    assert rc == 0 and "Traceback" not in agent.stderr, agent.stderr
+    validate_api(state, "state")
+    assert list(state["cameras"]) == ["top", "side"] and state["health"]["camera_up"] is False
+    assert state["cameras"]["side"]["up"] is True
+    assert state["cameras"]["side"]["latest"]["camera"] == "side"
+    assert state["cameras"]["top"]["latest"]["camera"] == "top", "a down camera's last verdict stays on the page"
+
+    assert dom.attrs["body"].get("data-ready") == "1" and "hidden" not in dom.attrs["cams"]
+    assert dom.attrs["cam-top-up"]["data-ok"] == "false" and dom.text["cam-top-up"] == "DOWN"
+    assert dom.attrs["cam-side-up"]["data-ok"] == "true" and dom.text["cam-side-up"] == "up"
+    assert dom.text["cam-side-result"] == "NG" and dom.attrs["cam-side-result"]["data-result"] == "NG"
+    side_img = dom.attrs["cam-side-img"]
+    assert side_img["data-kind"] == "heatmap" and side_img["src"].startswith(f"{base}/api/image/")
+    assert side_img.get("data-loaded") == side_img["data-seq"], "the browser decoded side's overlay"
+    assert dom.text["cam-top-result"] in ("OK", "NG", "ERROR")
+    assert "frame" in dom.text["cam-top-facts"] and "score" in dom.text["cam-top-facts"]
+    assert dom.text["camera"] in ("top", "side") and "hidden" not in dom.attrs["camera"], "the main verdict names its camera"
