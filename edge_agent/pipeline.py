@@ -34,6 +34,7 @@ from edge_agent.metrics import Metrics
 from edge_agent.patches import PatchGrid
 from edge_agent.quality import Gate
 from edge_agent.scoring import Scorer
+from edge_agent.shared_scorer import ScoringServiceDied
 from edge_agent.triggers import Pending, TriggerError, duplicate_of
 from edge_agent.verdict import Decision, decide, document, failed, overlay
 
@@ -561,6 +562,10 @@ class Pipeline:
             self.metrics.patches_scored(len(scores))
         except _Unjudgeable as e:
             decision = failed(str(e), frame.error_reason or "unreadable")
+        except ScoringServiceDied as e:  # the station's shared scorer thread is gone: this frame and every
+            self.metrics.error("inference")  # later one is ERROR, and the agent exits 1 for systemd to restart it
+            decision = failed(f"not judged: {e}", "internal", grid.count if grid is not None else 0)
+            self._died("scorer", str(e))
         except Exception as e:
             self.metrics.error("inference")
             error = f"scoring failed: {type(e).__name__}: {e}"

@@ -34,6 +34,10 @@ def batch_key(scorer: Any) -> tuple[int, str]:
     return id(scorer.module), scorer.score_name
 
 
+class ScoringServiceDied(RuntimeError):
+    """The shared `scorer` thread is gone: no camera can be judged again, so the agent must restart."""
+
+
 class ScoringService:
     """start(), score_frame() from any thread, close(). Counts the frames and forward passes it ran."""
 
@@ -42,6 +46,7 @@ class ScoringService:
         self._thread = threading.Thread(target=self._run, name="scorer", daemon=True)
         self.frames = 0
         self.passes = 0  # score_frames calls: frames / passes is how much cameras shared
+        self.death: str | None = None  # why the thread ended on a bug
 
     def start(self) -> ScoringService:
         self._thread.start()
@@ -58,13 +63,20 @@ class ScoringService:
         self._queue.put(request)
         while not request.done.wait(1.0):
             if not self._thread.is_alive():
-                raise RuntimeError("the scoring service has stopped")
+                raise ScoringServiceDied(self.death or "the scoring service has stopped")
         if request.error is not None:
             raise request.error
         assert request.scores is not None
         return request.scores
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # a bug outside one pass: every waiting camera sees ScoringServiceDied
+            self.death = f"the scoring service died ({type(e).__name__}: {e})"
+            logger.exception("%s; every camera's next frame is ERROR and the agent exits", self.death)
+
+    def _serve(self) -> None:
         closing = False
         while not closing:
             batch = [self._queue.get()]

@@ -149,7 +149,7 @@ def held_out_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("holdout")
     write_dataset(root, n_train=40, n_calib=0, n_test_good=4, n_test_defect=4, seed=3, size=64)
     out = root / "m.pt"
-    fit(root / "train/good", out, tiny_options(model="vae", patch_size=32, stride=16, steps=20))
+    fit(root / "train/good", out, tiny_options(model="vae", patch_size=32, stride=16, steps=20, min_position_images=4))
     return root, out
 
 
@@ -204,6 +204,16 @@ def test_scorer_head_equals_the_hand_pipeline(held_out_model):
     np.testing.assert_allclose(fast.score_frame(grid, patches), want.numpy(), rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="grid"):
         fast.score_patches(patches)
+
+
+def test_too_few_held_out_images_for_position_statistics_all_set_the_threshold(held_out_model, tmp_path):
+    root, _ = held_out_model
+    out = tmp_path / "m.pt"
+    fit(root / "train/good", out, tiny_options(model="vae", patch_size=32, stride=16, steps=20))  # needs 2 x 50
+    card = artifact.verify(out)
+    assert card["anomaly_map"]["position"] is None and card["anomaly_map"]["blur_sigma_px"] == 0.0
+    entry = card["thresholds"]["m_map"]
+    assert entry["n_good"] == 8 and set(entry["image_hashes"]) == set(card["training"]["holdout"]["image_hashes"])
 
 
 def test_evaluate_and_calibrate_refuse_or_warn_on_held_out_images(held_out_model, tmp_path):

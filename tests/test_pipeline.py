@@ -450,3 +450,31 @@ def test_a_dead_infer_thread_stops_the_watchdog_marks_it_fatal_and_every_frame_r
     for v in stranded:
         validate({k: x for k, x in v.items() if k != "camera"})  # the station wraps it into its camera's result
     assert sample(metrics, "edge_agent_error_verdicts_total", reason="internal") == len(stranded)
+
+
+def test_a_dead_shared_scoring_service_is_fatal_and_its_frames_are_error():
+    from edge_agent.shared_scorer import ScoringService
+
+    pipeline, publisher, metrics = make_pipeline(source=FakeSource(n=1000), inspection={"queue_size": 2})
+    pipeline.camera = "top"
+    pipeline.watchdog = RecordingWatchdog()
+    service = ScoringService()
+
+    def serve():  # a bug on the station's shared `scorer` thread, outside any one forward pass
+        raise RuntimeError("planted scorer bug")
+
+    service._serve = serve
+    pipeline.scoring = service.start()
+    pipeline.start()
+    assert pipeline.stop.wait(10), "a dead scoring service stops the agent: systemd restarts it"
+    pipeline.drain(10)
+    assert pipeline.fatal.startswith("camera top: the scorer thread died (the scoring service died "
+                                     "(RuntimeError: planted scorer bug))")
+    calls = pipeline.watchdog.calls
+    stopped = calls.index("stop")  # the infer thread lives on to publish ERRORs, but the pings have ended
+    assert calls[stopped - 1] == ("idle_ok", False) and "start" not in calls[stopped:], "no more pings"
+    read = pipeline.capture.counts["frames"]
+    assert sorted(v["seq"] for v in publisher.verdicts) == list(range(1, read + 1)), "no frame read is lost"
+    assert publisher.verdicts and all(v["result"] == "ERROR" and v["error_reason"] == "internal"
+                                      for v in publisher.verdicts)
+    assert sample(metrics, "edge_agent_error_verdicts_total", reason="internal") == len(publisher.verdicts)
