@@ -35,7 +35,7 @@ from edge_agent.patches import PatchGrid
 from edge_agent.quality import Gate
 from edge_agent.scoring import Scorer
 from edge_agent.shared_scorer import ScoringServiceDied
-from edge_agent.triggers import Pending, TriggerError, duplicate_of
+from edge_agent.triggers import Pending, TriggerError, answer_repeat, check_recipe, duplicate_of
 from edge_agent.verdict import Decision, decide, document, failed, overlay
 
 logger = logging.getLogger(__name__)
@@ -288,17 +288,13 @@ class Pipeline:
         """
         if not self.triggered:
             raise ValueError('inspection.mode is "free-run"; set inspection.mode = "triggered" to use triggers')
-        if self.config.recipes and (trigger.recipe or self.default_recipe) not in self.recipes:
-            raise TriggerError("unknown_recipe", f"recipe {trigger.recipe!r} is not configured; known recipes: "
-                               f"{sorted(self.recipes)}")
+        check_recipe(bool(self.config.recipes), self.recipes, trigger, self.default_recipe)
         state, verdict = self.pending.add(trigger)
-        if state is not None:
-            self.metrics.trigger_duplicate()
-            logger.info("trigger %s (part %s) repeated; %s", trigger.trigger_id, trigger.part_id,
-                        "re-sending its verdict" if verdict else "its verdict follows when judged")
-            if verdict is not None and self.publisher is not None:
-                self.publisher.publish_verdict(duplicate_of(verdict), None)
-            return {"duplicate": True, "verdict": "resent" if verdict is not None else "pending"}
+        publisher = self.publisher
+        repeat = answer_repeat(state, verdict, trigger, self.metrics,
+                               None if publisher is None else lambda v: publisher.publish_verdict(v, None))
+        if repeat is not None:
+            return repeat
         self.metrics.trigger_accepted()
         if self.watchdog is not None:
             self.watchdog.idle_ok(False)

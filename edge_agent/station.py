@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_agent.frames import Trigger
-from edge_agent.triggers import Pending, TriggerError, duplicate_of
+from edge_agent.triggers import Pending, TriggerError, answer_repeat, check_recipe, duplicate_of
 from edge_agent.verdict import camera_result, cameras_document
 
 logger = logging.getLogger(__name__)
@@ -84,18 +84,14 @@ class Station:
         if not self.triggered:
             raise ValueError('inspection.mode is "free-run"; set inspection.mode = "triggered" to use triggers')
         first = self.pipelines[self.trigger_cameras[0]]
-        if self.config.recipes and (trigger.recipe or first.default_recipe) not in first.recipes:
-            raise TriggerError("unknown_recipe", f"recipe {trigger.recipe!r} is not configured; known recipes: "
-                               f"{sorted(first.recipes)}")
+        check_recipe(bool(self.config.recipes), first.recipes, trigger, first.default_recipe)
         with self._lock:
             state, verdict = self.pending.add(trigger)
-            if state is not None:
-                self.metrics.trigger_duplicate()
-                logger.info("trigger %s (part %s) repeated; %s", trigger.trigger_id, trigger.part_id,
-                            "re-sending its verdict" if verdict else "its verdict follows when judged")
-                if verdict is not None and self.publisher is not None:
-                    self.publisher.publish_verdict(duplicate_of(verdict), None, camera_heatmaps={})
-                return {"duplicate": True, "verdict": "resent" if verdict is not None else "pending"}
+            publisher = self.publisher
+            repeat = answer_repeat(state, verdict, trigger, self.metrics, None if publisher is None else
+                                   lambda v: publisher.publish_verdict(v, None, camera_heatmaps={}))
+            if repeat is not None:
+                return repeat
             self.pending.take()  # this one: station triggers wait for cameras, never for a frame
             self._parts[trigger.trigger_id] = _Part(trigger, list(self.trigger_cameras))
         self.metrics.trigger_accepted()

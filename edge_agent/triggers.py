@@ -280,3 +280,24 @@ class Pending:
 def duplicate_of(verdict: dict[str, Any]) -> dict[str, Any]:
     """A re-sent verdict for a repeated trigger: the same verdict and message_id, marked `duplicate`."""
     return dict(verdict, duplicate=True)
+
+
+def check_recipe(configured: bool, recipes: dict[str, Any], trigger: Trigger, default_recipe: str | None) -> None:
+    """Refuse a trigger whose recipe the station does not have (TriggerError unknown_recipe)."""
+    if configured and (trigger.recipe or default_recipe) not in recipes:
+        raise TriggerError("unknown_recipe", f"recipe {trigger.recipe!r} is not configured; known recipes: "
+                                             f"{sorted(recipes)}")
+
+
+def answer_repeat(state: Any, verdict: dict[str, Any] | None, trigger: Trigger, metrics: Any,
+                  resend: Callable[[dict[str, Any]], None] | None) -> dict[str, Any] | None:
+    """After Pending.add: None for a new trigger; for a repeated trigger_id (a PLC retry) never a second
+    inspection: the first verdict is re-sent (marked duplicate) when there is one, and the answer says so."""
+    if state is None:
+        return None
+    metrics.trigger_duplicate()
+    logger.info("trigger %s (part %s) repeated; %s", trigger.trigger_id, trigger.part_id,
+                "re-sending its verdict" if verdict else "its verdict follows when judged")
+    if verdict is not None and resend is not None:
+        resend(duplicate_of(verdict))
+    return {"duplicate": True, "verdict": "resent" if verdict is not None else "pending"}
