@@ -41,8 +41,8 @@ class ModelConfig(Section):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Inference device; auto = CUDA when present.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "fp32", description="Inference precision; auto = bf16 on CPUs with AMX/AVX512-BF16 and on GPUs of compute "
-        "capability >= 8.0, fp16 on older GPUs."
+        "fp32", description="Inference precision; auto = bf16 on CPUs with AMX/AVX512-BF16 where a bf16 GEMM measures "
+        ">= 1.2x fp32 at start, on GPUs of compute capability >= 8.0; fp16 on older GPUs; fp32 otherwise."
     )
     batch_size: int = Field(64, ge=1, le=65536, description="Patches per forward pass; 64 keeps a CPU's activations "
                             "in cache (docs/PERFORMANCE.md), a GPU may want 256-1024.")

@@ -27,12 +27,47 @@ logger = logging.getLogger(__name__)
 
 
 def cpu_has_bf16() -> bool:
-    """True on CPUs with native bf16 matrix units (AMX or AVX512-BF16), where bf16 pays off."""
+    """True on CPUs that advertise native bf16 instructions (AMX or AVX512-BF16); whether bf16 is faster here is
+    cpu_bf16_pays()."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+BF16_MIN_GAIN = 1.2  # bf16 must beat fp32 by this much on the probe GEMM to be chosen by precision "auto"
+
+
+def _gemm_seconds(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)  # warm-up: oneDNN picks and JITs its kernel
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+_BF16_PAYS: bool | None = None
+
+
+def cpu_bf16_pays() -> bool:
+    """Whether precision "auto" should use bf16 on this CPU: the flag, and a 1024^3 GEMM that runs at least
+    BF16_MIN_GAIN x faster in bf16 than in fp32 (~0.1 s, once per process). The flag alone is not enough:
+    measured on three 2-core machines, bf16 GEMMs ran 7x fp32 with AMX, 4.2x on an EPYC with AVX512-BF16 and
+    0.53x (slower) on a Xeon whose AVX512-BF16 oneDNN did not use (docs/PERFORMANCE.md)."""
+    global _BF16_PAYS
+    if _BF16_PAYS is None:
+        if not cpu_has_bf16():
+            _BF16_PAYS = False
+        else:
+            fp32, bf16 = _gemm_seconds(torch.float32), _gemm_seconds(torch.bfloat16)
+            _BF16_PAYS = fp32 / bf16 >= BF16_MIN_GAIN
+            logger.info("precision auto on this CPU: a bf16 GEMM runs %.2fx fp32, so %s (bf16 needs >= %.1fx)",
+                        fp32 / bf16, "bf16" if _BF16_PAYS else "fp32", BF16_MIN_GAIN)
+    return _BF16_PAYS
 
 
 def pick_device(device: str) -> torch.device:
@@ -54,7 +89,7 @@ def pick_device(device: str) -> torch.device:
 def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "auto":
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        precision = gpu.auto_precision(device.type, capability, device.type == "cpu" and cpu_has_bf16())
+        precision = gpu.auto_precision(device.type, capability, device.type == "cpu" and cpu_bf16_pays())
     table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in table:
         raise ConfigError(f"precision {precision!r} is not one of auto, fp32, bf16, fp16")

@@ -20,6 +20,33 @@ def test_auto_precision_by_capability(device_type, capability, cpu_bf16, want):
     assert gpu.auto_precision(device_type, capability, cpu_bf16) == want
 
 
+@pytest.mark.parametrize("flag, fp32_s, bf16_s, want", [
+    (True, 1.0, 0.14, True),  # AMX: bf16 GEMM 7x fp32
+    (True, 1.0, 0.24, True),  # EPYC AVX512-BF16: 4.2x
+    (True, 1.0, 1.9, False),  # a Xeon whose AVX512-BF16 oneDNN did not use: 0.53x
+    (True, 1.0, 0.9, False),  # 1.1x: below BF16_MIN_GAIN, not worth bf16's rounding
+    (False, 1.0, 0.1, False),  # no bf16 instructions: not even probed
+])
+def test_auto_precision_on_cpu_takes_bf16_only_where_a_gemm_measures_it_faster(monkeypatch, flag, fp32_s, bf16_s, want):
+    probed = []
+
+    def gemm(dtype):
+        probed.append(dtype)
+        return fp32_s if dtype == torch.float32 else bf16_s
+
+    monkeypatch.setattr(scoring, "_BF16_PAYS", None)
+    monkeypatch.setattr(scoring, "cpu_has_bf16", lambda: flag)
+    monkeypatch.setattr(scoring, "_gemm_seconds", gemm)
+    assert scoring.cpu_bf16_pays() is want
+    assert scoring.pick_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if want else torch.float32)
+    assert len(probed) == (2 if flag else 0)  # measured once per process, then cached
+
+
+def test_gemm_probe_times_real_gemms():
+    assert 0 < scoring._gemm_seconds(torch.float32, n=64, repeats=2) < 5
+    assert 0 < scoring._gemm_seconds(torch.bfloat16, n=64, repeats=2) < 5
+
+
 def test_pinned_results_stay_bounded_by_the_largest_frame():
     results = gpu.PinnedResults(pin=False)
     first = results.get(875)

@@ -25,7 +25,7 @@ from edge_agent.errors import DataError
 from edge_agent.images import file_hashes, fingerprint, list_images, read_image
 from edge_agent.patches import MIN_PATCH_SIZE, to_tensor
 from edge_agent.progress import Progress
-from edge_agent.scoring import cpu_has_bf16, pick_device
+from edge_agent.scoring import cpu_bf16_pays, pick_device
 from edge_agent.train import distributed
 from edge_agent.train.nets import AE, VAE, ConvDecoder, fold_decoder_batchnorm, subpixel_decoder
 
@@ -51,7 +51,7 @@ class TrainOptions:
     sigma_min: float = 0.01
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"  # bf16 autocast where the hardware has it
+    precision: str = "auto"  # bf16 autocast where it measurably pays (scoring.cpu_bf16_pays; GPUs)
     name: str | None = None
     progress: bool = True
     # gmm (SPEC 2.3): PCA dims Nh, mixture components Nz, covariance regularizer, crops per image (seed: 100)
@@ -198,7 +198,7 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
                        len(all_files), int(round(len(all_files) * opts.holdout)), MIN_HOLDOUT)
     device = distributed.place(world, pick_device(opts.device))
     use_bf16 = opts.model in ("vae", "ae") and (opts.precision == "bf16" or (
-        opts.precision == "auto" and (device.type == "cuda" or cpu_has_bf16())))
+        opts.precision == "auto" and (device.type == "cuda" or cpu_bf16_pays())))
     sampler = CropSampler(images, opts.patch_size, distributed.rank_seed(opts.seed, world))
     if world.size > 1:
         sampler = distributed.ShardedSampler(sampler, world)
