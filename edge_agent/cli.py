@@ -107,6 +107,8 @@ def train(
     position_stats: Annotated[bool, typer.Option(help="Compare the anomaly map with good parts at the same place "
                                                       "(fixtured parts); --no-position-stats for free-lying parts.")] = True,
     target_frr: Annotated[float, typer.Option(help="False-reject rate the initial threshold aims at.")] = 0.01,
+    beta_nll: Annotated[float, typer.Option(help="VAE: weight each pixel's NLL by sigma_x^(2 beta) in training "
+                                                 "(beta-NLL; 0 = the plain ELBO).")] = 0.0,
 ) -> None:
     """Train a model on good images and export one self-describing TorchScript file.
 
@@ -135,6 +137,8 @@ def train(
         raise DataError(f"--lr-schedule {lr_schedule!r} must be cosine or constant")
     if blur_sigma is not None and blur_sigma < 0:
         raise DataError(f"--blur-sigma {blur_sigma} must be >= 0 (0 = no blur)")
+    if not 0 <= beta_nll <= 1:
+        raise DataError(f"--beta-nll {beta_nll} must be in [0, 1] (0.5 is the usual choice, 0 the plain ELBO)")
     if not 0 < target_frr < 1:
         raise DataError(f"--target-frr {target_frr} must be a rate between 0 and 1 (e.g. 0.01)")
     opts = TrainOptions(model=model, patch_size=patch_size, stride=stride, channels=channels, nc=nc, nz=nz,
@@ -145,7 +149,7 @@ def train(
                         search_lr=search_lr, latent_search=latent_search, threshold_images=threshold_images,
                         steps=steps, min_steps=min_steps, holdout=holdout, lr_schedule=lr_schedule,
                         early_stop=early_stop, anomaly_map=anomaly_map, blur_sigma=blur_sigma,
-                        position_stats=position_stats, target_frr=target_frr)
+                        position_stats=position_stats, target_frr=target_frr, beta_nll=beta_nll)
     card = fit(data_dir, out, opts)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 wrote the file and reports it
         return

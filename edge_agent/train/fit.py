@@ -6,6 +6,7 @@ The daemon never imports this package; it needs only the exported file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import datetime as dt
 import logging
 import math
@@ -49,6 +50,7 @@ class TrainOptions:
     lr: float = 1e-3
     weight_decay: float = 1e-5
     sigma_min: float = 0.01
+    beta_nll: float = 0.0  # VAE: weight each pixel's NLL by sigma_x^(2 beta) (loss_fn); 0 = the seed's ELBO
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # bf16 autocast where it measurably pays (scoring.cpu_bf16_pays; GPUs)
@@ -140,13 +142,27 @@ def build_model(opts: TrainOptions) -> nn.Module:
     raise DataError(f"unknown model family {opts.model!r}; choose one of: {', '.join(FAMILIES)}")
 
 
-def loss_fn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Per-batch training loss: the negative ELBO (VAE, one reparameterized sample) or the MSE (AE)."""
+def loss_fn(model: nn.Module, x: torch.Tensor, beta_nll: float = 0.0) -> torch.Tensor:
+    """Per-batch training loss: the negative ELBO (VAE, one reparameterized sample) or the MSE (AE).
+
+    beta_nll > 0 (VAE): each pixel's Gaussian NLL weighted by sigma_x^(2 beta), detached and normalised to mean 1
+    over the batch (beta-NLL, Seitzer et al. 2022). The plain NLL's gradient on mu_x is (mu_x - x) / sigma_x^2:
+    where the decoder is still poor (a thread, any fine periodic structure) sigma_x grows first and then starves
+    the mean of gradient, so the model settles on "noise" there and a defect on it scores nothing. The weight
+    gives those pixels their gradient back; the normalisation keeps the NLL's scale against the KL term.
+    """
     if isinstance(model, VAE):
         mu_z, logvar_z = model.encode(x)
         z = mu_z + torch.randn_like(mu_z) * torch.exp(0.5 * logvar_z)
-        t = model.terms(x, z, mu_z, logvar_z)
-        return (t["d"] + t["a"] + t["m"]).mean()
+        if beta_nll <= 0:
+            t = model.terms(x, z, mu_z, logvar_z)
+            return (t["d"] + t["a"] + t["m"]).mean()
+        mu_x, sigma_x = model.decode(z)
+        d = 0.5 * (-logvar_z - 1.0 + logvar_z.exp() + mu_z.pow(2)).sum(1)
+        nll = torch.log(sigma_x) + 0.5 * math.log(2.0 * math.pi) + 0.5 * ((mu_x - x.float()) / sigma_x).pow(2)
+        w = sigma_x.detach().pow(2 * beta_nll)
+        w = w / w.mean()
+        return (d + (w * nll).flatten(1).sum(1)).mean()
     return (model.reconstruct(x) - x).pow(2).mean()
 
 
@@ -335,7 +351,7 @@ def _fit_gradient(model: nn.Module, sampler: CropSampler, val_sampler: CropSampl
     """The VAE/AE Adam loop with a cosine learning rate over the budget (steps or time, whichever ends first)
     and an early stop when the held-out loss stops improving; returns the card's training summary."""
     optim = torch.optim.Adam(model.parameters(), lr=opts.lr, betas=(0.9, 0.999), weight_decay=opts.weight_decay)
-    train_loss = distributed.loss_step(model, loss_fn, world, opts.seed)
+    train_loss = distributed.loss_step(model, functools.partial(loss_fn, beta_nll=opts.beta_nll), world, opts.seed)
     model.train()
     val = val_sampler.sample(512).to(device) if val_sampler is not None else None
     check_every = max(50, total_steps // 40)
