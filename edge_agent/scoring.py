@@ -8,6 +8,7 @@ staging, uploads overlapped with compute and CUDA graphs); docs/PERFORMANCE.md s
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import logging
 import time
@@ -50,24 +51,19 @@ def _gemm_seconds(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
     return best
 
 
-_BF16_PAYS: bool | None = None
-
-
+@functools.cache
 def cpu_bf16_pays() -> bool:
     """Whether precision "auto" should use bf16 on this CPU: the flag, and a 1024^3 GEMM that runs at least
     BF16_MIN_GAIN x faster in bf16 than in fp32 (~0.1 s, once per process). The flag alone is not enough:
     measured on three 2-core machines, bf16 GEMMs ran 7x fp32 with AMX, 4.2x on an EPYC with AVX512-BF16 and
     0.53x (slower) on a Xeon whose AVX512-BF16 oneDNN did not use (docs/PERFORMANCE.md)."""
-    global _BF16_PAYS
-    if _BF16_PAYS is None:
-        if not cpu_has_bf16():
-            _BF16_PAYS = False
-        else:
-            fp32, bf16 = _gemm_seconds(torch.float32), _gemm_seconds(torch.bfloat16)
-            _BF16_PAYS = fp32 / bf16 >= BF16_MIN_GAIN
-            logger.info("precision auto on this CPU: a bf16 GEMM runs %.2fx fp32, so %s (bf16 needs >= %.1fx)",
-                        fp32 / bf16, "bf16" if _BF16_PAYS else "fp32", BF16_MIN_GAIN)
-    return _BF16_PAYS
+    if not cpu_has_bf16():
+        return False
+    fp32, bf16 = _gemm_seconds(torch.float32), _gemm_seconds(torch.bfloat16)
+    pays = fp32 / bf16 >= BF16_MIN_GAIN
+    logger.info("precision auto on this CPU: a bf16 GEMM runs %.2fx fp32, so %s (bf16 needs >= %.1fx)",
+                fp32 / bf16, "bf16" if pays else "fp32", BF16_MIN_GAIN)
+    return pays
 
 
 def pick_device(device: str) -> torch.device:

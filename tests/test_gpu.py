@@ -34,12 +34,15 @@ def test_auto_precision_on_cpu_takes_bf16_only_where_a_gemm_measures_it_faster(m
         probed.append(dtype)
         return fp32_s if dtype == torch.float32 else bf16_s
 
-    monkeypatch.setattr(scoring, "_BF16_PAYS", None)
     monkeypatch.setattr(scoring, "cpu_has_bf16", lambda: flag)
     monkeypatch.setattr(scoring, "_gemm_seconds", gemm)
-    assert scoring.cpu_bf16_pays() is want
-    assert scoring.pick_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if want else torch.float32)
-    assert len(probed) == (2 if flag else 0)  # measured once per process, then cached
+    scoring.cpu_bf16_pays.cache_clear()
+    try:
+        assert scoring.cpu_bf16_pays() is want
+        assert scoring.pick_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if want else torch.float32)
+        assert len(probed) == (2 if flag else 0)  # measured once per process, then cached
+    finally:
+        scoring.cpu_bf16_pays.cache_clear()  # the next caller measures this machine, not the fakes
 
 
 def test_gemm_probe_times_real_gemms():

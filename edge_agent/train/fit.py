@@ -6,8 +6,8 @@ The daemon never imports this package; it needs only the exported file.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import datetime as dt
+import functools
 import logging
 import math
 import platform
@@ -158,11 +158,9 @@ def loss_fn(model: nn.Module, x: torch.Tensor, beta_nll: float = 0.0) -> torch.T
             t = model.terms(x, z, mu_z, logvar_z)
             return (t["d"] + t["a"] + t["m"]).mean()
         mu_x, sigma_x = model.decode(z)
-        d = 0.5 * (-logvar_z - 1.0 + logvar_z.exp() + mu_z.pow(2)).sum(1)
-        nll = torch.log(sigma_x) + 0.5 * math.log(2.0 * math.pi) + 0.5 * ((mu_x - x.float()) / sigma_x).pow(2)
+        a, m = model.pixel_terms(x, mu_x, sigma_x)
         w = sigma_x.detach().pow(2 * beta_nll)
-        w = w / w.mean()
-        return (d + (w * nll).flatten(1).sum(1)).mean()
+        return (model.kl(mu_z, logvar_z) + (w / w.mean() * (a + m)).flatten(1).sum(1)).mean()
     return (model.reconstruct(x) - x).pow(2).mean()
 
 

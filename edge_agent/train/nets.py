@@ -137,12 +137,18 @@ class VAE(nn.Module):
 
     def terms(self, x: torch.Tensor, z: torch.Tensor, mu_z: torch.Tensor, logvar_z: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The negative ELBO's three terms per patch, for the latent z decoded."""
-        x = x.float()
-        mu_x, sigma_x = self.decode(z)
-        d = 0.5 * (-logvar_z - 1.0 + logvar_z.exp() + mu_z.pow(2)).sum(1)
-        a = (torch.log(sigma_x) + 0.5 * math.log(2.0 * math.pi)).flatten(1).sum(1)
-        m = (0.5 * ((mu_x - x) / sigma_x).pow(2)).flatten(1).sum(1)
-        return {"d": d, "a": a, "m": m}
+        a, m = self.pixel_terms(x, *self.decode(z))
+        return {"d": self.kl(mu_z, logvar_z), "a": a.flatten(1).sum(1), "m": m.flatten(1).sum(1)}
+
+    def kl(self, mu_z: torch.Tensor, logvar_z: torch.Tensor) -> torch.Tensor:
+        """d per patch: KL(q(z|x) || N(0, I))."""
+        return 0.5 * (-logvar_z - 1.0 + logvar_z.exp() + mu_z.pow(2)).sum(1)
+
+    def pixel_terms(self, x: torch.Tensor, mu_x: torch.Tensor, sigma_x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per pixel (N, C, P, P): the log normalizer a and the normalized distance m of the Gaussian decoder."""
+        a = torch.log(sigma_x) + 0.5 * math.log(2.0 * math.pi)
+        m = 0.5 * ((mu_x - x.float()) / sigma_x).pow(2)
+        return a, m
 
     @torch.jit.export
     def scores(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
