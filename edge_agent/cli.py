@@ -109,6 +109,8 @@ def train(
     target_frr: Annotated[float, typer.Option(help="False-reject rate the initial threshold aims at.")] = 0.01,
     beta_nll: Annotated[float, typer.Option(help="VAE: weight each pixel's NLL by sigma_x^(2 beta) in training "
                                                  "(beta-NLL; 0 = the plain ELBO).")] = 0.0,
+    latent: Annotated[str, typer.Option(help="vae/ae: the code's shape. fc = the seed's vector of Nz; conv = Nz "
+                                             "channels at each cell of the encoder's last map (3x3 at P 96).")] = "fc",
 ) -> None:
     """Train a model on good images and export one self-describing TorchScript file.
 
@@ -141,6 +143,8 @@ def train(
         raise DataError(f"--beta-nll {beta_nll} must be in [0, 1] (0.5 is the usual choice, 0 the plain ELBO)")
     if not 0 < target_frr < 1:
         raise DataError(f"--target-frr {target_frr} must be a rate between 0 and 1 (e.g. 0.01)")
+    if latent not in ("fc", "conv"):
+        raise DataError(f"--latent {latent!r} must be fc (the seed's vector) or conv (a code per place in the patch)")
     opts = TrainOptions(model=model, patch_size=patch_size, stride=stride, channels=channels, nc=nc, nz=nz,
                         batch_size=batch_size, epochs=epochs, max_minutes=max_minutes, lr=lr,
                         weight_decay=weight_decay, seed=seed, device=device, precision=precision, name=name,
@@ -149,7 +153,8 @@ def train(
                         search_lr=search_lr, latent_search=latent_search, threshold_images=threshold_images,
                         steps=steps, min_steps=min_steps, holdout=holdout, lr_schedule=lr_schedule,
                         early_stop=early_stop, anomaly_map=anomaly_map, blur_sigma=blur_sigma,
-                        position_stats=position_stats, target_frr=target_frr, beta_nll=beta_nll)
+                        position_stats=position_stats, target_frr=target_frr, beta_nll=beta_nll,
+                        latent=latent)
     card = fit(data_dir, out, opts)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 wrote the file and reports it
         return

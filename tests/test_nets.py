@@ -140,14 +140,15 @@ def test_subpixel_rejects_other_geometry():
         SubpixelConvTranspose2d.from_transposed(torch.nn.ConvTranspose2d(2, 2, 3, 2, 1))
 
 
+@pytest.mark.parametrize("latent", ["fc", "conv"])
 @pytest.mark.parametrize("which", ["output", "all"])
 @pytest.mark.parametrize("p", [16, 28, 32, 33, 96])
 @pytest.mark.parametrize("family", [VAE, AE])
-def test_export_rewrites_score_like_the_original(family, p, which):
+def test_export_rewrites_score_like_the_original(family, p, which, latent):
     from edge_agent.train.nets import SubpixelConvTranspose2d, fold_decoder_batchnorm, subpixel_decoder
 
     torch.manual_seed(p)
-    model = _randomise_batchnorm(family(1, p, 4, 3))
+    model = _randomise_batchnorm(family(1, p, 4, 3, latent=latent))
     rewritten = subpixel_decoder(fold_decoder_batchnorm(model), which)
     subs = [m for m in rewritten.decoder.deconv if isinstance(m, SubpixelConvTranspose2d)]
     deconvs = [m for m in model.decoder.deconv if isinstance(m, torch.nn.ConvTranspose2d)]
@@ -160,3 +161,39 @@ def test_export_rewrites_score_like_the_original(family, p, which):
             got = scripted.score(x.contiguous(memory_format=torch.channels_last), name)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # float32 rounding only
         torch.testing.assert_close(scripted.pixel_map(x), model.pixel_map(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("p, cells", [(28, 9), (32, 16), (64, 16), (96, 36), (200, 144)])
+def test_conv_latent_has_nz_channels_per_16px_cell(p, cells):
+    from edge_agent.train.nets import latent_cells
+
+    assert latent_cells(p, "fc") == 1
+    assert latent_cells(p, "conv") == cells
+    vae = VAE(1, p, 4, 3, latent="conv").eval()
+    x = torch.rand(2, 1, p, p)
+    with torch.no_grad():
+        mu_z, logvar_z = vae.encode(x)
+        mu_x, sigma_x = vae.decode(mu_z)
+    assert vae.nz == 3 * cells and mu_z.shape == logvar_z.shape == (2, 3 * cells)
+    assert mu_x.shape == sigma_x.shape == (2, 1, p, p)
+
+
+def test_conv_latent_code_has_a_place():
+    """Each cell's code drives its own part of the patch: changing the code of the top-left cell of a 6x6
+    grid (P 96, 16-px cells) changes the top-left of the decoded patch and leaves the far corner as it was."""
+    torch.manual_seed(0)
+    vae = VAE(1, 96, 4, 2, latent="conv").eval()
+    z = torch.randn(1, vae.nz)
+    moved = z.clone()
+    moved.view(1, 2, 6, 6)[:, :, 0, 0] += 3.0
+    with torch.no_grad():
+        diff = (vae.decode(moved)[0] - vae.decode(z)[0]).abs()[0, 0]
+    assert diff[:16, :16].max() > 1e-3
+    assert diff[48:, 48:].max() == 0  # the receptive field of one cell: 3x3 conv + four 4x4/2 deconvs < 48 px
+
+
+def test_unknown_latent_is_explained():
+    from edge_agent.train.nets import latent_sizes
+
+    with pytest.raises(ValueError, match="fc, conv"):
+        latent_sizes(96, "grid")

@@ -96,3 +96,22 @@ def test_beta_nll_loss_against_a_hand_computation():
     w = sigma_x2.detach() / sigma_x2.detach().mean()
     expected = w * (mu_x2.detach() - x) / sigma_x2.detach() ** 2 / x.shape[0]
     assert torch.allclose(mu_x2.grad, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_conv_latent_card_round_trip_and_scoring(station, tmp_path):
+    """A --latent conv model is one more TorchScript file: its card says the code's shape, and the scorer
+    (the daemon's) runs it like any other, with the same scores from the file as from the trained module."""
+    from edge_agent.evaluation import score_files
+    from edge_agent.images import list_images
+    from edge_agent.scoring import Scorer
+
+    out = tmp_path / "conv.pt"
+    card = fit(station / "train/good", out, tiny_options(model="vae", latent="conv", nz=2))
+    assert card["architecture"]["latent"] == {"kind": "conv", "channels": 2, "cells": "4x4", "size": 32,
+                                              "head": "3x3 conv (encoder and decoder)"}
+    assert artifact.verify(out)["architecture"] == card["architecture"]
+    module, _ = artifact.load(out)
+    assert module.encode(torch.rand(3, 1, 32, 32))[0].shape == (3, 32)
+    scorer = Scorer(out, device="cpu")
+    results = score_files(scorer, list_images(station / "test/defect")[:2], progress=False)
+    assert all(np.isfinite(r.image_score("m_map")) and r.image_score("m_map") > 0 for r in results)

@@ -28,7 +28,8 @@ from edge_agent.patches import MIN_PATCH_SIZE, to_tensor
 from edge_agent.progress import Progress
 from edge_agent.scoring import cpu_bf16_pays, pick_device
 from edge_agent.train import distributed
-from edge_agent.train.nets import AE, VAE, ConvDecoder, fold_decoder_batchnorm, subpixel_decoder
+from edge_agent.train.nets import (MIN_CONV_LATENT_PATCH, AE, VAE, ConvDecoder, fold_decoder_batchnorm, latent_cells,
+                                   subpixel_decoder)
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class TrainOptions:
     weight_decay: float = 1e-5
     sigma_min: float = 0.01
     beta_nll: float = 0.0  # VAE: weight each pixel's NLL by sigma_x^(2 beta) (loss_fn); 0 = the seed's ELBO
+    latent: str = "fc"  # VAE/AE code: "fc" (the seed's Nz vector) or "conv" (Nz channels per cell, nets.ConvEncoder)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"  # bf16 autocast where it measurably pays (scoring.cpu_bf16_pays; GPUs)
@@ -129,9 +131,9 @@ class CropSampler:
 
 def build_model(opts: TrainOptions) -> nn.Module:
     if opts.model == "vae":
-        return VAE(opts.channels, opts.patch_size, opts.nc, opts.nz, opts.sigma_min)
+        return VAE(opts.channels, opts.patch_size, opts.nc, opts.nz, opts.sigma_min, opts.latent)
     if opts.model == "ae":
-        return AE(opts.channels, opts.patch_size, opts.nc, opts.nz)
+        return AE(opts.channels, opts.patch_size, opts.nc, opts.nz, opts.latent)
     if opts.model == "anogan":
         from edge_agent.train.anogan import AnoGAN
 
@@ -199,6 +201,9 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
         raise DataError(f"unknown model family {opts.model!r}; choose one of: {', '.join(FAMILIES)}")
     if not 0 <= opts.holdout < 1:
         raise DataError(f"--holdout {opts.holdout} must be a share in [0, 1) (e.g. 0.2)")
+    if opts.latent != "fc" and (opts.model not in ("vae", "ae") or opts.patch_size < MIN_CONV_LATENT_PATCH):
+        raise DataError(f"--latent {opts.latent} needs --model vae or ae and --patch-size >= {MIN_CONV_LATENT_PATCH} "
+                        "(smaller cells copy the patch); use --latent fc")
     world = distributed.init(opts.device)  # torchrun: one process per device; otherwise a single process
     distributed.check(world, opts.model, opts.batch_size)
     torch.manual_seed(opts.seed)
@@ -307,6 +312,11 @@ def architecture(model: nn.Module, opts: TrainOptions) -> dict[str, Any]:
         return {"nh": opts.nh, "components": opts.components, "covariance_type": "full", "reg_covar": opts.reg_covar,
                 "reg_covar_description": "added to the diagonal of every covariance (scikit-learn reg_covar)"}
     arch: dict[str, Any] = {"nc": opts.nc, "nz": opts.nz, "depth": len(model.encoder.conv) // 3}
+    if opts.model in ("vae", "ae"):
+        cells = latent_cells(opts.patch_size, opts.latent)
+        arch["latent"] = ({"kind": "fc", "size": opts.nz} if opts.latent == "fc" else
+                          {"kind": "conv", "channels": opts.nz, "cells": f"{math.isqrt(cells)}x{math.isqrt(cells)}",
+                           "size": opts.nz * cells, "head": "3x3 conv (encoder and decoder)"})
     if opts.model == "vae":
         arch["sigma_min"] = opts.sigma_min
     if opts.model == "anogan":

@@ -13,6 +13,10 @@ from torch import nn
 
 MAX_DEPTH = 5  # the seed's encoder: 5 conv layers, kernel 4, stride 2
 MIN_BOTTLENECK = 3
+# A conv latent sits after at most 4 layers (cells of 16 px): after the seed's 5 (3 x 3 cells of 32 px at P 96) it
+# fit the 640x480 part's thread no better than the fc latent in 14 CPU minutes (docs/RESULTS.md, round 5).
+CONV_LATENT_DEPTH = 4
+MIN_CONV_LATENT_PATCH = 28  # 3 layers, cells of >= 7 px: finer cells carry the patch itself through the code
 
 
 def encoder_sizes(patch_size: int) -> List[int]:
@@ -55,12 +59,23 @@ def flatten_as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.flatten(x, 1).to(dtype)
 
 
-class ConvEncoder(nn.Module):
-    """Conv(4x4, stride 2) + BatchNorm + ReLU layers; layer n has nc * 2**(n-1) channels; then one linear layer."""
+LATENTS = ("fc", "conv")
 
-    def __init__(self, channels: int, patch_size: int, nc: int, out_features: int):
+
+class ConvEncoder(nn.Module):
+    """Conv(4x4, stride 2) + BatchNorm + ReLU layers; layer n has nc * 2**(n-1) channels; then the latent head.
+
+    latent "fc" (the seed): one linear layer to out_features. latent "conv": at most CONV_LATENT_DEPTH layers
+    (cells of 16 px: 6 x 6 at P 96), then a 3x3 convolution to out_features channels at every cell, flattened
+    channel-major, so the code is out_features * s * s values with a place in the patch (VAE: first half
+    mu_z, then log var).
+    """
+
+    conv_latent: Final[bool]
+
+    def __init__(self, channels: int, patch_size: int, nc: int, out_features: int, latent: str = "fc"):
         super().__init__()
-        sizes = encoder_sizes(patch_size)
+        sizes = latent_sizes(patch_size, latent)
         layers: List[nn.Module] = []
         c_in = channels
         for n in range(len(sizes) - 1):
@@ -68,22 +83,43 @@ class ConvEncoder(nn.Module):
             layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
             c_in = c_out
         self.conv = Layers(*layers)
-        self.fc = nn.Linear(c_in * sizes[-1] ** 2, out_features)
+        self.conv_latent = latent == "conv"
+        self.fc = nn.Conv2d(c_in, out_features, 3, 1, 1) if self.conv_latent else nn.Linear(c_in * sizes[-1] ** 2, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv_latent:
+            return torch.flatten(self.fc(self.conv(x).to(self.fc.weight.dtype)), 1)
         return self.fc(flatten_as(self.conv(x), self.fc.weight.dtype))
 
 
-class ConvDecoder(nn.Module):
-    """The encoder's mirror: linear, then ConvTranspose(4x4, stride 2) layers back to P x P."""
+def latent_sizes(patch_size: int, latent: str) -> List[int]:
+    """Spatial sizes through the encoder for a latent kind: the seed's (fc) or down to 16-px cells (conv)."""
+    if latent not in LATENTS:
+        raise ValueError(f"latent {latent!r} is not one of: {', '.join(LATENTS)}")
+    sizes = encoder_sizes(patch_size)
+    return sizes[: CONV_LATENT_DEPTH + 1] if latent == "conv" else sizes
 
-    def __init__(self, out_channels: int, patch_size: int, nc: int, nz: int):
+
+def latent_cells(patch_size: int, latent: str) -> int:
+    """How many places the code has: 1 for the seed's fc latent, s * s for the conv latent."""
+    return latent_sizes(patch_size, latent)[-1] ** 2 if latent == "conv" else 1
+
+
+class ConvDecoder(nn.Module):
+    """The encoder's mirror: linear (latent "conv": a 3x3 convolution from nz channels per cell), then
+    ConvTranspose(4x4, stride 2) layers back to P x P."""
+
+    conv_latent: Final[bool]
+
+    def __init__(self, out_channels: int, patch_size: int, nc: int, nz: int, latent: str = "fc"):
         super().__init__()
-        sizes = encoder_sizes(patch_size)
+        sizes = latent_sizes(patch_size, latent)
         depth = len(sizes) - 1
         self.c0 = nc * 2 ** (depth - 1)
         self.s0 = sizes[-1]
-        self.fc = nn.Linear(nz, self.c0 * self.s0**2)
+        self.nz = nz
+        self.conv_latent = latent == "conv"
+        self.fc = nn.Conv2d(nz, self.c0, 3, 1, 1) if self.conv_latent else nn.Linear(nz, self.c0 * self.s0**2)
         layers: List[nn.Module] = [nn.BatchNorm2d(self.c0), nn.ReLU(inplace=True)]
         c_in = self.c0
         for n in range(depth - 1, -1, -1):
@@ -98,6 +134,8 @@ class ConvDecoder(nn.Module):
         self.deconv = Layers(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.conv_latent:
+            return self.deconv(self.fc(z.to(self.fc.weight.dtype).view(-1, self.nz, self.s0, self.s0)))
         return self.deconv(self.fc(z.to(self.fc.weight.dtype)).view(-1, self.c0, self.s0, self.s0))
 
 
@@ -106,19 +144,23 @@ class VAE(nn.Module):
 
     Scores (MAP latent z = mu_z, no sampling): m = normalized distance (default, "unregularized"),
     d = KL regularizer, a = log normalizer, elbo = d + a + m.
+
+    latent "conv" (ConvEncoder): nz latent channels at each cell of the encoder's last map, so the code
+    has nz * cells values (self.nz) and the decoder draws each part of the patch from its own cells.
     """
 
     score_names: List[str]
     default_score: str
 
-    def __init__(self, channels: int = 1, patch_size: int = 32, nc: int = 32, nz: int = 20, sigma_min: float = 0.01):
+    def __init__(self, channels: int = 1, patch_size: int = 32, nc: int = 32, nz: int = 20, sigma_min: float = 0.01,
+                 latent: str = "fc"):
         super().__init__()
         self.channels = channels
         self.patch_size = patch_size
-        self.nz = nz
+        self.nz = nz * latent_cells(patch_size, latent)
         self.sigma_min = sigma_min
-        self.encoder = ConvEncoder(channels, patch_size, nc, 2 * nz)
-        self.decoder = ConvDecoder(2 * channels, patch_size, nc, nz)
+        self.encoder = ConvEncoder(channels, patch_size, nc, 2 * nz, latent)
+        self.decoder = ConvDecoder(2 * channels, patch_size, nc, nz, latent)
         self.score_names = ["m", "elbo", "d", "a"]
         self.default_score = "m"
 
@@ -193,12 +235,12 @@ class AE(nn.Module):
     score_names: List[str]
     default_score: str
 
-    def __init__(self, channels: int = 1, patch_size: int = 32, nc: int = 32, nz: int = 20):
+    def __init__(self, channels: int = 1, patch_size: int = 32, nc: int = 32, nz: int = 20, latent: str = "fc"):
         super().__init__()
         self.channels = channels
         self.patch_size = patch_size
-        self.encoder = ConvEncoder(channels, patch_size, nc, nz)
-        self.decoder = ConvDecoder(channels, patch_size, nc, nz)
+        self.encoder = ConvEncoder(channels, patch_size, nc, nz, latent)
+        self.decoder = ConvDecoder(channels, patch_size, nc, nz, latent)
         self.register_buffer("window", _gaussian_window().repeat(channels, 1, 1, 1))
         self.score_names = ["l2", "l1", "ssim"]
         self.default_score = "l2"
@@ -271,12 +313,13 @@ def fold_decoder_batchnorm(model: nn.Module) -> nn.Module:
         bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
         fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
         layers[i], layers[i + 1] = fused, nn.Identity()
-    if isinstance(layers[0], nn.BatchNorm2d):  # right after the linear layer: fold into its rows
+    if isinstance(layers[0], nn.BatchNorm2d):  # right after the latent layer: fold into its output channels
         bn, fc = layers[0], decoder.fc
-        scale = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).repeat_interleave(decoder.s0**2)
-        shift = (bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).repeat_interleave(
-            decoder.s0**2)
-        fc.weight.mul_(scale[:, None])
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        if isinstance(fc, nn.Linear):  # its rows are channel-major (c0, s0, s0)
+            scale, shift = scale.repeat_interleave(decoder.s0**2), shift.repeat_interleave(decoder.s0**2)
+        fc.weight.mul_(scale.view(-1, *[1] * (fc.weight.dim() - 1)))
         fc.bias.mul_(scale).add_(shift)
         layers[0] = nn.Identity()
     decoder.deconv = Layers(*layers)
