@@ -110,7 +110,7 @@ def train(
     beta_nll: Annotated[float, typer.Option(help="VAE: weight each pixel's NLL by sigma_x^(2 beta) in training "
                                                  "(beta-NLL; 0 = the plain ELBO).")] = 0.0,
     latent: Annotated[str, typer.Option(help="vae/ae: the code's shape. fc = the seed's vector of Nz; conv = Nz "
-                                             "channels at each cell of the encoder's last map (3x3 at P 96).")] = "fc",
+                                             "channels per 16-px cell of the patch (6x6 at P 96; needs P >= 28).")] = "fc",
 ) -> None:
     """Train a model on good images and export one self-describing TorchScript file.
 
@@ -143,8 +143,6 @@ def train(
         raise DataError(f"--beta-nll {beta_nll} must be in [0, 1] (0.5 is the usual choice, 0 the plain ELBO)")
     if not 0 < target_frr < 1:
         raise DataError(f"--target-frr {target_frr} must be a rate between 0 and 1 (e.g. 0.01)")
-    if latent not in ("fc", "conv"):
-        raise DataError(f"--latent {latent!r} must be fc (the seed's vector) or conv (a code per place in the patch)")
     opts = TrainOptions(model=model, patch_size=patch_size, stride=stride, channels=channels, nc=nc, nz=nz,
                         batch_size=batch_size, epochs=epochs, max_minutes=max_minutes, lr=lr,
                         weight_decay=weight_decay, seed=seed, device=device, precision=precision, name=name,

@@ -28,7 +28,7 @@ from edge_agent.patches import MIN_PATCH_SIZE, to_tensor
 from edge_agent.progress import Progress
 from edge_agent.scoring import cpu_bf16_pays, pick_device
 from edge_agent.train import distributed
-from edge_agent.train.nets import (MIN_CONV_LATENT_PATCH, AE, VAE, ConvDecoder, fold_decoder_batchnorm, latent_cells,
+from edge_agent.train.nets import (LATENTS, MIN_CONV_LATENT_PATCH, AE, VAE, ConvDecoder, fold_decoder_batchnorm, latent_cells,
                                    subpixel_decoder)
 
 logger = logging.getLogger(__name__)
@@ -201,6 +201,8 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
         raise DataError(f"unknown model family {opts.model!r}; choose one of: {', '.join(FAMILIES)}")
     if not 0 <= opts.holdout < 1:
         raise DataError(f"--holdout {opts.holdout} must be a share in [0, 1) (e.g. 0.2)")
+    if opts.latent not in LATENTS:
+        raise DataError(f"--latent {opts.latent!r} must be fc (the seed's vector) or conv (a code per place in the patch)")
     if opts.latent != "fc" and (opts.model not in ("vae", "ae") or opts.patch_size < MIN_CONV_LATENT_PATCH):
         raise DataError(f"--latent {opts.latent} needs --model vae or ae and --patch-size >= {MIN_CONV_LATENT_PATCH} "
                         "(smaller cells copy the patch); use --latent fc")
