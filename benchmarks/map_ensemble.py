@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_agent import artifact, calibrate
+from edge_agent import artifact
 from edge_agent.anomaly_map import fold_mean, window_max
-from edge_agent.evaluate_cmd import read_kinds
-from edge_agent.evaluation import recall_at_frr, roc_auc
-from edge_agent.images import list_images, read_image
+from edge_agent.images import read_image
 from edge_agent.scoring import Scorer
+
+import subset  # benchmarks/subset.py: the splits and the table both scripts print
 
 
 def plain_maps(path: Path, splits: dict[str, list[Path]]) -> tuple[dict[str, list[torch.Tensor]], object]:
@@ -55,21 +55,9 @@ def main() -> None:
     ap.add_argument("--defect", type=int, default=100)
     a = ap.parse_args()
     torch.set_grad_enabled(False)
-    splits = {"c": list_images(a.data / "calib/good")[: a.calib], "g": list_images(a.data / "test/good")[: a.good],
-              "d": list_images(a.data / "test/defect")[: a.defect]}
+    splits = subset.splits(a.data, a.calib, a.good, a.defect)
     half = len(splits["c"]) // 2
-    kinds = np.array(read_kinds(splits["d"], None, a.data / "test/defect"))
-    labels = np.r_[np.zeros(len(splits["g"])), np.ones(len(splits["d"]))]
-    print("| combination | image AUROC | recall at test FRR 1 % | FRR / recall at the FRR-method threshold | by kind |")
-    print("|---|---:|---:|---:|---|")
-
-    def row(name: str, s: dict[str, np.ndarray]) -> None:
-        c, g, d = s["c"], s["g"], s["d"]
-        t = calibrate.choose(c[half:], None, "frr", 0.01, None, 0.95)["value"]
-        by_kind = ", ".join(f"{k} {roc_auc(np.r_[np.zeros(len(g)), np.ones((kinds == k).sum())], np.r_[g, d[kinds == k]]):.3f}"
-                            for k in sorted(set(kinds)))
-        print(f"| {name} | {roc_auc(labels, np.r_[g, d]):.4f} | {recall_at_frr(labels, np.r_[g, d], 0.01)['recall']:.3f} "
-              f"| {(g > t).mean():.3f} / {(d > t).mean():.3f} | {by_kind} |", flush=True)
+    row = subset.table(splits, a.data, "combination")
 
     per_model, grid = [], None
     for path in a.models:

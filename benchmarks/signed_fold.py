@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edge_agent import artifact, calibrate
+from edge_agent import artifact
 from edge_agent.anomaly_map import MapHead, PositionStats, fold_mean, gaussian_blur, window_max
-from edge_agent.evaluate_cmd import read_kinds
-from edge_agent.evaluation import recall_at_frr, roc_auc
-from edge_agent.images import list_images, read_image
+from edge_agent.images import read_image
 from edge_agent.scoring import Scorer
+
+import subset  # benchmarks/subset.py: the splits and the table both scripts print
 
 
 def main() -> None:
@@ -44,8 +44,7 @@ def main() -> None:
         raise SystemExit(f"{a.model} is not a VAE (no encode/decode); the signed fold needs mu_x and sigma_x")
     module.eval()
     scorer = Scorer(a.model, device="cpu", precision="fp32", warmup=False, fast=False, threshold=0.0)
-    splits = {"c": list_images(a.data / "calib/good")[: a.calib], "g": list_images(a.data / "test/good")[: a.good],
-              "d": list_images(a.data / "test/defect")[: a.defect]}
+    splits = subset.splits(a.data, a.calib, a.good, a.defect)
     squared, signed, grid = {}, {}, None
     for k, files in splits.items():
         squared[k], signed[k] = [], []
@@ -63,18 +62,8 @@ def main() -> None:
     for y in grid.ys:
         for x in grid.xs:
             count[y : y + grid.size, x : x + grid.size] += 1
-    kinds = np.array(read_kinds(splits["d"], None, a.data / "test/defect"))
     half = len(splits["c"]) // 2
-    labels = np.r_[np.zeros(len(splits["g"])), np.ones(len(splits["d"]))]
-    print(f"| variant | image AUROC | recall at test FRR 1 % | FRR / recall at the FRR-method threshold | by kind |")
-    print("|---|---:|---:|---:|---|")
-
-    def row(name, c, g, d):
-        t = calibrate.choose(c[half:], None, "frr", 0.01, None, 0.95)["value"]
-        by_kind = ", ".join(f"{k} {roc_auc(np.r_[np.zeros(len(g)), np.ones((kinds == k).sum())], np.r_[g, d[kinds == k]]):.3f}"
-                            for k in sorted(set(kinds)))
-        print(f"| {name} | {roc_auc(labels, np.r_[g, d]):.4f} | {recall_at_frr(labels, np.r_[g, d], 0.01)['recall']:.3f} "
-              f"| {(g > t).mean():.3f} / {(d > t).mean():.3f} | {by_kind} |", flush=True)
+    row = subset.table(splits, a.data, "variant")
 
     def image_scores(maps, head=None, cache=None):
         return {k: np.array([float(window_max(grid, (head.normalized(m, cache) if head else m)).max()) for m in v])
@@ -83,19 +72,19 @@ def main() -> None:
     for name, maps in (("plain map (m_map)", squared), ("signed fold", signed),
                        ("signed fold x K", {k: [m * count for m in v] for k, v in signed.items()})):
         s = image_scores(maps)
-        row(name, s["c"], s["g"], s["d"])
+        row(name, s)
         head = MapHead(0.0, PositionStats.fit(maps["c"][:half]))
         s = image_scores(maps, head, {})
-        row(name + ", position statistics", s["c"], s["g"], s["d"])
+        row(name + ", position statistics", s)
     sigmas = [float(s) for s in a.sigmas.split(",")]
     per_scale = {s: image_scores({k: [gaussian_blur(m, s) for m in v] for k, v in squared.items()}) for s in sigmas}
     for s in sigmas[1:]:
-        row(f"plain map, blur {s:g} px", per_scale[s]["c"], per_scale[s]["g"], per_scale[s]["d"])
+        row(f"plain map, blur {s:g} px", per_scale[s])
     z = {s: {k: (v - per_scale[s]["c"][:half].mean()) / per_scale[s]["c"][:half].std() for k, v in per_scale[s].items()}
          for s in sigmas}
     for combo in (sigmas[:2], sigmas):
         best = {k: np.max([z[s][k] for s in combo], 0) for k in "cgd"}
-        row(f"multi-scale: max over blur {', '.join(f'{s:g}' for s in combo)} px, z-normalized", best["c"], best["g"], best["d"])
+        row(f"multi-scale: max over blur {', '.join(f'{s:g}' for s in combo)} px, z-normalized", best)
 
 
 if __name__ == "__main__":
