@@ -313,6 +313,32 @@ def calibrate(
 
 
 @app.command()
+def combine(
+    models: Annotated[list[Path], typer.Argument(help="Two or more model files trained on the same images with the same "
+                                                      "--patch-size and --stride (e.g. --latent fc and --latent conv).",
+                                                 readable=False)],
+    out: Annotated[Path, typer.Option(help="The combined model file to write.")],
+    good: Annotated[Optional[Path], typer.Option(help="Good images none of the models was trained on: every other one "
+                                                      "fits the scales, the rest set the threshold (default: the good "
+                                                      "images every model held out of training).")] = None,
+    scale_images: Annotated[int, typer.Option(help="At most this many good images fit each model's scale.")] = 50,
+    target_frr: Annotated[float, typer.Option(help="False-reject rate the initial threshold guarantees (FRR method).")] = 0.01,
+    confidence: Annotated[float, typer.Option(help="Confidence of the false-reject bound.")] = 0.95,
+    name: Annotated[Optional[str], typer.Option(help="Model id in the card (default: the file name).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Combine models into one: each one's anomaly map on a common scale, the pixelwise maximum (docs/RESULTS.md)."""
+    from edge_agent.combine import combine as run_combine
+
+    card = run_combine(models, out, good, scale_images, target_frr, confidence, not quiet, name)
+    th = card["thresholds"][card["scores"]["default"]]
+    members = ", ".join(f"{m['file']} x {m['scale']:.4g}" for m in card["architecture"]["members"])
+    typer.echo(f"wrote {out}: {len(models)} models combined ({members}); threshold {card['scores']['default']} = "
+               f"{th['value']:.6g} (FRR method on {th['n_good']} good images: true FRR <= {th['frr_upper_bound']:.3g} "
+               f"at {th['confidence']:g} confidence)", err=True)
+
+
+@app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write the synthetic station data set into.")],
     train_images: Annotated[int, typer.Option("--train", help="Good training images.")] = 200,

@@ -121,11 +121,14 @@ def reduced_precision(module: torch.jit.ScriptModule, dtype: torch.dtype) -> tor
     bf16 output layer (the logits of mu_x and sigma_x) cost ~0.08 %, and it is ~1.5 % of the
     FLOPs. With both, bf16 scores match float32 to ~1e-6 (random weights; see PERFORMANCE.md).
     """
-    leaves = [m for m in module.modules() if not list(m.children())]
-    weighted = [m for m in leaves if getattr(m, "original_name", "") in WEIGHTED]
-    for m in leaves:
-        if not weighted or m is not weighted[-1]:
-            m.to(dtype)
+    # A combined model (combine.py) holds whole models as members: each keeps its own output layer in float32.
+    members = getattr(module, "members", None)
+    for part in (list(members.children()) if members is not None else [module]):
+        leaves = [m for m in part.modules() if not list(m.children())]
+        weighted = [m for m in leaves if getattr(m, "original_name", "") in WEIGHTED]
+        for m in leaves:
+            if not weighted or m is not weighted[-1]:
+                m.to(dtype)
     return module
 
 
