@@ -1,13 +1,15 @@
-"""Two or more models' anomaly maps combined, measured against each alone (docs/RESULTS.md, round 5).
+"""Two or more models' anomaly maps combined, measured against each alone (docs/RESULTS.md, rounds 5 and 6).
 
 Round 5 found that the seed's fc-latent VAE and a `--latent conv` VAE fail on different defects: the fc model
 draws the 640x480 part's thread as grey noise (defects on it score nothing), the conv model reconstructs the
-thread but partly copies large debris and misses the hole's sharp edge by a pixel on good parts. Combined:
+thread but partly copies large debris and misses the hole's sharp edge by a pixel on good parts. Each model's
+map is divided by the median of its image maxima over the first half of the calibration images, then:
 
-- ratio: each model's plain map (fold mean of its pixel map, no blur) divided by the median of its maxima over
-  the first half of the calibration images, then the pixelwise maximum over models (a heatmap still exists);
-- z: each model's image score (the map's maximum), log-z-normalised by the same calibration images, then the
-  highest over models.
+- after the fold: the pixelwise maximum of the models' fold-mean maps (round 5's measurement);
+- before the fold: the fold mean of the pixelwise maximum of the models' per-patch pixel maps, which is what
+  `edge-agent combine` writes (its module's pixel_map is the scaled maximum; the map head folds it).
+
+Every combination of two or more of the models is printed.
 
     python benchmarks/map_ensemble.py MODEL MODEL [MODEL ...] --data DATA [--calib 100 --good 100 --defect 100]
 
@@ -19,6 +21,9 @@ The models must share the patch geometry (same P, S and frame size).
 from __future__ import annotations
 
 import argparse
+import itertools
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +37,6 @@ from edge_agent.scoring import Scorer
 import subset  # benchmarks/subset.py: the splits and the table both scripts print
 
 
-def plain_maps(path: Path, splits: dict[str, list[Path]]) -> tuple[dict[str, list[torch.Tensor]], object]:
-    scorer = Scorer(path, device="cpu", precision="fp32", warmup=False, fast=False, threshold=0.0)
-    module, _ = artifact.load(path)
-    module.eval()
-    maps, grid = {}, None
-    for k, files in splits.items():
-        maps[k] = []
-        for f in files:
-            grid, patches = scorer.patches(read_image(f))
-            pixel = torch.cat([module.pixel_map(patches[s : s + 128]) for s in range(0, patches.shape[0], 128)])
-            maps[k].append(fold_mean(grid, pixel))
-    return maps, grid
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", type=Path, nargs="+")
@@ -57,23 +48,51 @@ def main() -> None:
     torch.set_grad_enabled(False)
     splits = subset.splits(a.data, a.calib, a.good, a.defect)
     half = len(splits["c"]) // 2
-    row = subset.table(splits, a.data, "combination")
+    scorer = Scorer(a.models[0], device="cpu", precision="fp32", warmup=False, fast=False, threshold=0.0)
+    modules = [artifact.load(path)[0].eval() for path in a.models]
 
-    per_model, grid = [], None
-    for path in a.models:
-        maps, grid = plain_maps(path, splits)
-        per_model.append(maps)
-        row(f"{path.name} alone", {k: np.array([float(window_max(grid, m).max()) for m in v]) for k, v in maps.items()})
-    scales = [1.0 / np.median([float(window_max(grid, m).max()) for m in maps["c"][:half]]) for maps in per_model]
-    ratio = {k: np.array([float(window_max(grid, torch.stack([s * maps[k][i] for s, maps in zip(scales, per_model)])
-                                                     .amax(0)).max()) for i in range(len(splits[k]))]) for k in splits}
-    row("ratio: pixelwise max of maps / median good maximum", ratio)
-    z = []
-    for maps in per_model:
-        top = {k: np.log([float(window_max(grid, m).max()) for m in v]) for k, v in maps.items()}
-        ref = top["c"][:half]
-        z.append({k: (v - ref.mean()) / ref.std() for k, v in top.items()})
-    row("z: highest log-z-normalised image score", {k: np.max([zz[k] for zz in z], 0) for k in splits})
+    def maps_of(f: Path):
+        grid, patches = scorer.patches(read_image(f))
+        return grid, [torch.cat([m.pixel_map(patches[s : s + 128]).float() for s in range(0, patches.shape[0], 128)])
+                      for m in modules]
+
+    def top(grid, image: torch.Tensor) -> float:
+        return float(window_max(grid, image).max())
+
+    maxima = [[] for _ in modules]
+    for f in splits["c"][:half]:
+        grid, pixel = maps_of(f)
+        for k, p in enumerate(pixel):
+            maxima[k].append(top(grid, fold_mean(grid, p)))
+    scales = [1.0 / float(np.median(m)) for m in maxima]
+    print(f"scales from {half} calibration images: " + ", ".join(f"{p.name} {s:.4g}" for p, s in zip(a.models, scales)),
+          file=sys.stderr)
+    combos = [c for r in range(2, len(modules) + 1) for c in itertools.combinations(range(len(modules)), r)]
+    rows: dict[str, dict[str, np.ndarray]] = {}
+
+    def put(name: str, split: str, i: int, value: float) -> None:
+        rows.setdefault(name, {k: np.full(len(v), np.nan) for k, v in splits.items()})[split][i] = value
+
+    t0, done = time.monotonic(), 0
+    for split, files in splits.items():
+        for i, f in enumerate(files):
+            if split == "c" and i < half:
+                continue  # the scales' images: the rows' thresholds use the second half only
+            grid, pixel = maps_of(f)
+            folds = [s * fold_mean(grid, p) for s, p in zip(scales, pixel)]
+            for k, path in enumerate(a.models):
+                put(f"{path.name} alone", split, i, top(grid, folds[k]))
+            for c in combos:
+                names = " + ".join(a.models[k].name for k in c)
+                put(f"{names}: max after the fold", split, i, top(grid, torch.stack([folds[k] for k in c]).amax(0)))
+                pre = torch.stack([scales[k] * pixel[k] for k in c]).amax(0)
+                put(f"{names}: max before the fold (combine)", split, i, top(grid, fold_mean(grid, pre)))
+            done += 1
+            if done % 50 == 0:
+                print(f"{done} images, {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    row = subset.table(splits, a.data, "combination")
+    for name, values in rows.items():
+        row(name, values)
 
 
 if __name__ == "__main__":
