@@ -159,6 +159,7 @@ def test_combine_errors_are_one_line(capsys, tmp_path, station, vae_model, conv_
         ((vae_model, tmp_path / "missing.pt", "--good", good), ["missing.pt", "not found"]),
         ((vae_model, conv_model), ["held-out", "--good DIR"]),  # 8 training images: none held out
         ((vae_model, conv_model, "--good", tmp_path), ["--good"]),  # no images there
+        ((vae_model, conv_model, "--good", station / "train/good"), ["was used to train", "vae.pt"]),
         ((vae_model, conv_model, "--good", good, "--scale-images", 0), ["--scale-images 0"]),
         ((vae_model, conv_model, "--good", good, "--target-frr", 2), ["--target-frr"]),
     ]
