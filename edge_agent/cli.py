@@ -78,7 +78,7 @@ def train(
     max_minutes: Annotated[Optional[float], typer.Option(help="Stop after this many minutes, whatever the epochs.")] = None,
     lr: Annotated[float, typer.Option(help="Adam learning rate (seed: 1e-3).")] = 1e-3,
     weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = 1e-5,
-    seed: Annotated[int, typer.Option(help="Random seed; the same seed and data give the same model.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed and data give the same model when --max-minutes does not stop it (the clock sets the step count and the learning-rate schedule, so two timed runs differ).")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast where the hardware has it), fp32 or bf16.")] = "auto",
     name: Annotated[Optional[str], typer.Option(help="Model id in the card; default: the file name.")] = None,
