@@ -4,6 +4,7 @@ daemon's) running it like any model, the default hold-out, and every error path 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,14 +124,18 @@ def test_combined_model_in_bf16_keeps_each_members_output_layer_float32(combined
     assert np.allclose(scorer.score_frame(grid, patches), ref.score_frame(grid, patches), rtol=0.1)
 
 
-def test_combine_defaults_to_the_images_every_member_held_out(capsys, tmp_path):
+def test_combine_defaults_to_the_images_every_member_held_out(capsys, tmp_path, monkeypatch):
     from edge_agent.synth import write_dataset
 
     data = tmp_path / "data"
     write_dataset(data, n_train=40, n_calib=0, n_test_good=0, n_test_defect=0, seed=2)
     a, b = tmp_path / "a.pt", tmp_path / "b.pt"
-    fit(data / "train/good", a, tiny_options(model="vae"))
-    fit(data / "train/good", b, tiny_options(model="vae", seed=1))
+    monkeypatch.chdir(tmp_path)  # trained on a relative folder ...
+    fit(Path("data/train/good"), a, tiny_options(model="vae"))
+    fit(Path("data/train/good"), b, tiny_options(model="vae", seed=1))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # ... and combined from another directory: the card's path is absolute
+    assert artifact.verify(a)["training"]["data_dir"] == str((data / "train/good").resolve())
     held = artifact.verify(a)["training"]["holdout"]["image_hashes"]
     assert len(held) == 8
     code, _, err = run(capsys, "combine", a, b, "--out", tmp_path / "ab.pt", "-q")

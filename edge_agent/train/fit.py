@@ -243,7 +243,7 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
     seconds = time.monotonic() - t0
 
     training = {
-        "data_dir": str(data_dir), "images": len(files), "data_fingerprint": fingerprint(files),
+        "data_dir": str(Path(data_dir).resolve()), "images": len(files), "data_fingerprint": fingerprint(files),
         "image_hashes": file_hashes(files),
         "holdout": {"fraction": opts.holdout, "images": len(held_files), "image_hashes": file_hashes(held_files),
                     "rule": "every k-th image of the sorted folder, evenly spaced; never trained on"},
