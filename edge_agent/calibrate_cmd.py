@@ -21,7 +21,7 @@ from edge_agent import artifact, calibrate
 from edge_agent.errors import ConfigError, DataError
 from edge_agent.evaluation import (blank_frame_scores, histogram_bins, log_axis, pixel_auroc, read_masks, roc_auc,
                                    roc_curve, score_files, write_json)
-from edge_agent.images import file_hashes, fingerprint, fitted_hashes, list_images, read_image
+from edge_agent.images import file_hashes, fingerprint, fitted_files, list_images, read_image
 from edge_agent.scoring import Scorer
 
 
@@ -122,8 +122,7 @@ def run_calibration(model: Path, good: Path, defect: Path | None = None, masks: 
 
     files = good_files + defect_files
     hashes = file_hashes(files)
-    trained = fitted_hashes(card)
-    overlap = [f for f, h in zip(files, hashes) if h in trained]
+    overlap = fitted_files(card, files, hashes)
     if overlap:
         msg = (f"{len(overlap)} calibration images (e.g. {overlap[0]}) were used to train {model}; their scores are "
                "optimistic and the threshold will reject more good parts than stated")

@@ -31,7 +31,7 @@ from edge_agent import artifact, calibrate
 from edge_agent.anomaly_map import MapHead, fold_mean, window_max
 from edge_agent.errors import ConfigError, DataError, ModelError
 from edge_agent.evaluation import ImageResult, blank_frame_scores
-from edge_agent.images import file_hashes, fingerprint, fitted_hashes, list_images, read_image
+from edge_agent.images import file_hashes, fingerprint, fitted_files, list_images, read_image
 from edge_agent.patches import PatchGrid, to_tensor
 from edge_agent.progress import Progress
 
@@ -178,12 +178,12 @@ def combine(paths: list[Path], out: Path, good: Path | None = None, scale_images
     if len(files) < 2:
         raise DataError(f"{len(files)} good image(s) are too few: combine needs some to fit the scales and some to set "
                         "the threshold; give more good images with --good DIR")
-    fitted = [(path, fitted_hashes(card)) for path, card in zip(paths, cards)]
-    for f, h in zip(files, file_hashes(files)):
-        for path, hashes in fitted:
-            if h in hashes:
-                raise DataError(f"--good image {f} was used to train {path}; the scales and the threshold need good "
-                                "images none of the models was fitted on (e.g. calibration images)")
+    hashes = file_hashes(files)
+    for path, card in zip(paths, cards):
+        overlap = fitted_files(card, files, hashes)
+        if overlap:
+            raise DataError(f"--good image {overlap[0]} was used to train {path}; the scales and the threshold need good "
+                            "images none of the models was fitted on (e.g. calibration images)")
     evens, odds = files[0::2], files[1::2]
     scale_files = evens[:scale_images]
     threshold_files = odds + evens[scale_images:]

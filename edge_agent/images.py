@@ -65,3 +65,9 @@ def fitted_hashes(card: dict) -> set[str]:
     used = set(card.get("training", {}).get("image_hashes", []))
     position = (card.get("anomaly_map") or {}).get("position") or {}
     return used | set(position.get("image_hashes", []))
+
+
+def fitted_files(card: dict, files: list[Path], hashes: list[str] | None = None) -> list[Path]:
+    """The files (by content) that a model's parameters were fitted on: see fitted_hashes."""
+    used = fitted_hashes(card)
+    return [f for f, h in zip(files, hashes if hashes is not None else file_hashes(files)) if h in used]
