@@ -9,7 +9,7 @@
     python benchmarks/shift_tolerance.py FC.pt CONV.pt --data DATA --out scores.npz
 
 DATA is an `edge-agent synth` folder. As `edge-agent combine` does, the scales come from the training images both
-models held out (found in DATA/train/good by the hashes in their cards); the threshold is the FRR method's
+models held out (found again in the training folder their cards name); the threshold is the FRR method's
 (target 1 %, 95 % confidence) on all calibration images, the metrics on all test images. The combination's
 maximum is taken before the fold (what combine writes); for the scale table after it, where the image score of
 the pixelwise maximum is exactly the maximum of the members' scaled image scores.
@@ -25,12 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edge_agent import artifact, calibrate
+from edge_agent import artifact
 from edge_agent.anomaly_map import fold_mean, window_max
-from edge_agent.evaluate_cmd import read_kinds
-from edge_agent.evaluation import recall_at_frr, roc_auc
-from edge_agent.images import file_hashes, list_images, read_image
+from edge_agent.combine import heldout_files
+from edge_agent.images import list_images, read_image
 from edge_agent.scoring import Scorer
+
+import subset  # benchmarks/subset.py: the result table the other benchmarks print
 
 TOLS = (0, 1, 2)
 
@@ -59,9 +60,7 @@ def main():
     scorer = Scorer(a.models[0], device="cpu", precision="fp32", warmup=False, fast=False, threshold=0.0)
     loaded = [artifact.load(p) for p in a.models]
     modules = [m.eval() for m, _ in loaded]
-    held = set(loaded[0][1]["training"]["holdout"]["image_hashes"]) & set(loaded[1][1]["training"]["holdout"]["image_hashes"])
-    train = list_images(a.data / "train/good")
-    scale_files = [f for f, h in zip(train, file_hashes(train)) if h in held]
+    scale_files = heldout_files([card for _, card in loaded], a.models)
     print(f"{len(scale_files)} scale images", file=sys.stderr)
     splits = {"s": scale_files, "c": list_images(a.data / "calib/good"), "g": list_images(a.data / "test/good"),
               "d": list_images(a.data / "test/defect")}
@@ -101,23 +100,9 @@ def main():
                 print(f"{n} images {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
         if split == "s":
             scales = {key: 1.0 / float(np.median(v["s"])) for key, v in alone.items()}
-    kinds = np.array(read_kinds(splits["d"], None, a.data / "test/defect"))
     np.savez(a.out, **{f"alone_{k}_{t}_{s}": np.array(v) for (k, t), d in alone.items() for s, v in d.items()},
-             **{f"combo_{v0}_{v1}_{s}": np.array(v) for (v0, v1), d in combo.items() for s, v in d.items()},
-             kinds=kinds)
-    labels = np.r_[np.zeros(len(splits["g"])), np.ones(len(splits["d"]))]
-    print("| variant | image AUROC | recall at test FRR 1 % | calibrated (300) threshold: test FRR / recall | missed at calibrated: chip/debris/scratch | by kind AUROC |")
-    print("|---|---:|---:|---:|---|---|")
-
-    def row(name, d):
-        c, g, dd = (np.array(d[s]) for s in "cgd")
-        t = calibrate.choose(c, None, "frr", 0.01, None, 0.95)["value"]
-        by_kind = ", ".join(f"{k} {roc_auc(np.r_[np.zeros(len(g)), np.ones((kinds == k).sum())], np.r_[g, dd[kinds == k]]):.3f}"
-                            for k in sorted(set(kinds)))
-        missed = "/".join(str(int(((dd <= t) & (kinds == k)).sum())) for k in sorted(set(kinds)))
-        print(f"| {name} | {roc_auc(labels, np.r_[g, dd]):.4f} | {recall_at_frr(labels, np.r_[g, dd], 0.01)['recall']:.3f} "
-              f"| {(g > t).mean():.3f} / {(dd > t).mean():.3f} | {missed} | {by_kind} |", flush=True)
-
+             **{f"combo_{v0}_{v1}_{s}": np.array(v) for (v0, v1), d in combo.items() for s, v in d.items()})
+    row = subset.table(splits, a.data, "variant", threshold_from=0, missed=True)  # threshold: all calibration images
     for (k, t), d in alone.items():
         row(f"{a.models[k].name} t={t}", d)
     for (v0, v1), d in combo.items():

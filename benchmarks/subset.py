@@ -21,20 +21,28 @@ def splits(data: Path, calib: int, good: int, defect: int) -> dict[str, list[Pat
             "d": list_images(data / "test/defect")[:defect]}
 
 
-def table(files: dict[str, list[Path]], data: Path, first_column: str) -> Callable[[str, dict[str, np.ndarray]], None]:
-    """Print the table's header; return row(name, {"c": .., "g": .., "d": ..} image scores) that prints a row."""
-    half = len(files["c"]) // 2
+def table(files: dict[str, list[Path]], data: Path, first_column: str, threshold_from: int | None = None,
+          missed: bool = False) -> Callable[[str, dict[str, np.ndarray]], None]:
+    """Print the table's header; return row(name, {"c": .., "g": .., "d": ..} image scores) that prints a row.
+
+    The threshold comes from the calibration scores from index `threshold_from` on (default: the second half);
+    `missed` adds a column of the defects per kind at or under it.
+    """
+    start = len(files["c"]) // 2 if threshold_from is None else threshold_from
     kinds = np.array(read_kinds(files["d"], None, data / "test/defect"))
+    names = sorted(set(kinds))
     labels = np.r_[np.zeros(len(files["g"])), np.ones(len(files["d"]))]
-    print(f"| {first_column} | image AUROC | recall at test FRR 1 % | FRR / recall at the FRR-method threshold | by kind |")
-    print("|---|---:|---:|---:|---|")
+    extra = f" missed at the threshold: {' / '.join(names)} |" if missed else ""
+    print(f"| {first_column} | image AUROC | recall at test FRR 1 % | FRR / recall at the FRR-method threshold |{extra} by kind |")
+    print("|---|---:|---:|---:|" + ("---|" if missed else "") + "---|")
 
     def row(name: str, s: dict[str, np.ndarray]) -> None:
-        c, g, d = s["c"], s["g"], s["d"]
-        t = calibrate.choose(c[half:], None, "frr", 0.01, None, 0.95)["value"]
+        c, g, d = (np.asarray(s[k]) for k in "cgd")
+        t = calibrate.choose(c[start:], None, "frr", 0.01, None, 0.95)["value"]
         by_kind = ", ".join(f"{k} {roc_auc(np.r_[np.zeros(len(g)), np.ones((kinds == k).sum())], np.r_[g, d[kinds == k]]):.3f}"
-                            for k in sorted(set(kinds)))
+                            for k in names)
+        lost = " " + " / ".join(str(int(((d <= t) & (kinds == k)).sum())) for k in names) + " |" if missed else ""
         print(f"| {name} | {roc_auc(labels, np.r_[g, d]):.4f} | {recall_at_frr(labels, np.r_[g, d], 0.01)['recall']:.3f} "
-              f"| {(g > t).mean():.3f} / {(d > t).mean():.3f} | {by_kind} |", flush=True)
+              f"| {(g > t).mean():.3f} / {(d > t).mean():.3f} |{lost} {by_kind} |", flush=True)
 
     return row
