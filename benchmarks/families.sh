@@ -12,10 +12,10 @@ T=$D/test
 train() { out=$1; shift; [ -f "$out" ] || $EA train "$D/train/good" --out "$out" -q "$@"; }
 train "$R/vae.pt" --model vae --epochs 10 --nz 50
 train "$R/ae.pt" --model ae --epochs 10
-train "$R/gmm.pt" --model gmm --nh 32 --components 8
+train "$R/gmm.pt" --model gmm
 train "$R/anogan.pt" --model anogan --stride 16 --nc 16 --epochs 1000 --max-minutes 6 --threshold-images 20
 $EA evaluate "$R/vae.pt" "$R/ae.pt" "$R/gmm.pt" --score m --score elbo --score m_map --score l1 --score l2 --score ssim --score l2_map \
-    --score nll \
+    --score nll --score m_full --score m_full_map \
     --good "$T/good" --defect "$T/defect" --masks "$T/masks" --report "$R/report" -q 2>&1 | tee "$R/evaluate.txt" || true
 # AnoGAN's latent search costs up to 110 generator+discriminator passes per patch: every 5th test image.
 for d in good defect masks; do

@@ -83,7 +83,8 @@ def train(
     precision: Annotated[str, typer.Option(help="auto (bf16 autocast where the hardware has it), fp32 or bf16.")] = "auto",
     name: Annotated[Optional[str], typer.Option(help="Model id in the card; default: the file name.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    nh: Annotated[int, typer.Option(help="gmm: PCA dimensions Nh (seed: 2..500).")] = 32,
+    nh: Annotated[Optional[int], typer.Option(help="gmm: PCA dimensions Nh (seed: 2..500); default: every pixel of "
+                                                   "the patch up to 256 (m_full scores the rest).")] = None,
     components: Annotated[int, typer.Option(help="gmm: mixture components Nz (seed: 2..100).")] = 8,
     reg_covar: Annotated[float, typer.Option(help="gmm: added to every covariance diagonal (recorded in the card).")] = 1e-4,
     crops_per_image: Annotated[int, typer.Option(help="gmm: random crops per training image (seed: 100).")] = 100,
@@ -126,7 +127,7 @@ def train(
         raise DataError(f"--precision {precision!r} must be auto, fp32 or bf16")
     if latent_search not in ("encoder", "encoder+refine", "random"):
         raise DataError(f"--latent-search {latent_search!r} must be encoder, encoder+refine or random")
-    if min(nh, components, crops_per_image) < 1 or min(gamma_steps, refine_steps) < 0 or not 0 <= lam <= 1:
+    if min(nh or 1, components, crops_per_image) < 1 or min(gamma_steps, refine_steps) < 0 or not 0 <= lam <= 1:
         raise DataError("--nh, --components, --crops-per-image must be >= 1, --gamma-steps and --refine-steps >= 0, "
                         "--lambda in [0, 1]")
     if threshold_images is not None and threshold_images < 1:

@@ -61,14 +61,49 @@ def test_gmm_nll_equals_sklearn_score_samples(tiny_gmm):
     module, pca, gmm, x = tiny_gmm
     expected = -gmm.score_samples(pca.transform(x.flatten(1).double().numpy()))
     np.testing.assert_allclose(module.score(x, "nll").double().numpy(), expected, rtol=1e-4)
-    np.testing.assert_allclose(module(x).numpy(), module.score(x, "m").numpy())
+    np.testing.assert_allclose(module(x).numpy(), module.score(x, "m_full").numpy())
 
 
-def test_gmm_pixel_map_is_the_pca_residual(tiny_gmm):
+def test_gmm_m_full_adds_the_pca_residual_over_its_variance(tiny_gmm):
+    """m_full = M + 1/2 |x - x_pca|^2 / (mean discarded eigenvalue + reg_covar): probabilistic PCA's residual."""
     module, pca, _, x = tiny_gmm
     flat = x.flatten(1).double().numpy()
-    recon = pca.inverse_transform(pca.transform(flat))
-    np.testing.assert_allclose(module.pixel_map(x).numpy(), np.abs(flat - recon).reshape(-1, 16, 16), atol=1e-5)
+    residual = flat - pca.inverse_transform(pca.transform(flat))
+    noise = pca.noise_variance_ + 1e-4
+    expected = module.score(x, "m").double().numpy() + 0.5 * (residual ** 2).sum(1) / noise
+    np.testing.assert_allclose(module.score(x, "m_full").double().numpy(), expected, rtol=1e-4)
+    # Off-model patches (the uniform noise at the end) are far above good ones mostly through the residual.
+    assert module.score(x, "m_full")[10:].min() > 10 * module.score(x, "m_full")[:10].max()
+
+
+def test_gmm_pixel_map_is_each_pixels_share_of_m_full(tiny_gmm):
+    """The map is 1/2 (V^T S_k (f - mu_k))^2 + 1/2 r^2 / noise per pixel (S_k the symmetric root of the MAP
+    component's precision): it sums to m_full and is computed here by hand with numpy."""
+    module, pca, gmm, x = tiny_gmm
+    flat = x.flatten(1).double().numpy()
+    f = pca.transform(flat)
+    k = gmm.predict(f)
+    noise = pca.noise_variance_ + 1e-4
+    expected = []
+    for fi, xi, ki in zip(f, flat, k):
+        vals, vecs = np.linalg.eigh(np.linalg.inv(gmm.covariances_[ki]))
+        root = vecs @ np.diag(np.sqrt(vals)) @ vecs.T
+        y = root @ (fi - gmm.means_[ki])
+        r = xi - (pca.mean_ + fi @ pca.components_)
+        expected.append(0.5 * (y @ pca.components_) ** 2 + 0.5 * r ** 2 / noise)
+    got = module.pixel_map(x).double().numpy()
+    np.testing.assert_allclose(got, np.array(expected).reshape(-1, 16, 16), rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(got.sum((1, 2)), module.score(x, "m_full").double().numpy(), rtol=1e-3)
+
+
+def test_gmm_with_every_dimension_kept_has_no_residual_term():
+    g = torch.Generator().manual_seed(1)
+    crops = (0.5 + 0.1 * torch.randn(600, 1, 4, 4, generator=g)).clamp(0, 1)
+    module, _, _, _ = fit_pca_gmm(crops, nh=16, components=1, reg_covar=1e-4, seed=0)
+    x = crops[:8]
+    scores = module.scores(x)
+    torch.testing.assert_close(scores["m_full"], scores["m"])
+    torch.testing.assert_close(module.pixel_map(x).sum((1, 2)), scores["m"], rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +147,7 @@ def test_anogan_scores_are_consistent(tiny_anogan):
 
 
 @pytest.mark.parametrize("family,options,default,architecture", [
-    ("gmm", ["--nh", "8", "--components", "3", "--reg-covar", "1e-3", "--crops-per-image", "50"], "m_map",
+    ("gmm", ["--nh", "8", "--components", "3", "--reg-covar", "1e-3", "--crops-per-image", "50"], "m_full_map",
      {"nh": 8, "components": 3, "reg_covar": 1e-3}),
     ("anogan", ["--nc", "4", "--nz", "4", "--batch-size", "16", "--max-minutes", "0.005", "--gamma-steps", "3",
                 "--refine-steps", "2", "--lambda", "0.25", "--threshold-images", "4"], "encoder_refine_map",
@@ -153,3 +188,21 @@ def test_bad_family_options_are_one_line_errors(capsys, station, tmp_path):
     code, _, err = run(capsys, "train", station / "train/good", "--out", tmp_path / "g.pt", "--model", "gmm",
                        "--nh", "5000", "-q")
     assert code != 0 and "Traceback" not in err and "--nh 5000" in err
+
+
+def test_gmm_default_nh_keeps_every_pixel_up_to_256_and_never_more_than_the_crops(capsys, station, tmp_path):
+    """Without --nh a 16x16 patch keeps all 256 dims (no residual: m_full = m); 2 crops per image on 8 images
+    allow only 16 dims, and the card says what was used and the residual's variance (never below reg_covar)."""
+    full = tmp_path / "full.pt"
+    code, _, err = run(capsys, "train", station / "train/good", "--out", full, "--model", "gmm", "--patch-size", "16",
+                       "--stride", "16", "--components", "1", "--crops-per-image", "50", "-q")
+    assert code == 0, err
+    card = artifact.verify(full)
+    assert card["architecture"]["nh"] == 256 and card["training"]["pca_residual_variance"] == 0.0
+    few = tmp_path / "few.pt"
+    code, _, err = run(capsys, "train", station / "train/good", "--out", few, "--model", "gmm", "--patch-size", "16",
+                       "--stride", "16", "--components", "1", "--crops-per-image", "2", "-q")
+    assert code == 0, err
+    card = artifact.verify(few)
+    assert card["architecture"]["nh"] == 16 and card["training"]["pca_residual_variance"] >= 1e-4  # reg_covar floor
+    assert card["scores"]["default"] == "m_full_map"

@@ -58,8 +58,9 @@ class TrainOptions:
     precision: str = "auto"  # bf16 autocast where it measurably pays (scoring.cpu_bf16_pays; GPUs)
     name: str | None = None
     progress: bool = True
-    # gmm (SPEC 2.3): PCA dims Nh, mixture components Nz, covariance regularizer, crops per image (seed: 100)
-    nh: int = 32
+    # gmm (SPEC 2.3): PCA dims Nh, mixture components Nz, covariance regularizer, crops per image (seed: 100).
+    # nh None: every pixel of the patch up to GMM_DEFAULT_NH (the dropped rest is scored by m_full's residual)
+    nh: int | None = None
     components: int = 8
     reg_covar: float = 1e-4
     crops_per_image: int = 100
@@ -177,6 +178,7 @@ def split_holdout(n: int, fraction: float) -> tuple[list[int], list[int]]:
     return keep, held
 
 
+GMM_DEFAULT_NH = 256  # PCA dims when --nh is not given: EM with 8 full covariances stays ~20 s on 2 cores
 MIN_HOLDOUT = 8  # fewer held-out images than this say too little about unseen parts; use the training maximum
 MIN_TRAIN = 4
 
@@ -213,6 +215,9 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
     keep, held = split_holdout(len(all_files), opts.holdout)
     files, images = [all_files[i] for i in keep], [all_images[i] for i in keep]
     held_files = [all_files[i] for i in held]
+    if opts.model == "gmm" and opts.nh is None:
+        opts = dataclasses.replace(opts, nh=min(GMM_DEFAULT_NH, opts.channels * opts.patch_size**2,
+                                                len(images) * opts.crops_per_image))
     if opts.holdout > 0 and not held:
         logger.warning("%d good images are too few to hold out %d (>= %d needed); the initial threshold is the "
                        "highest score over the training images (seeds/003): calibrate on more good parts",
@@ -438,6 +443,7 @@ def _fit_gmm(sampler: CropSampler, n_images: int, opts: TrainOptions) -> tuple[n
     return module, {"steps": info["em_iterations"], "stopped_by": "converged" if info["converged"] else "max_iter",
                     "final_loss": info["mean_nll"], "crops": n_crops, "crops_per_image": opts.crops_per_image,
                     "pca_explained_variance": info["explained_variance"],
+                    "pca_residual_variance": info["residual_variance"],
                     "optimizer": "scikit-learn PCA + GaussianMixture EM (k-means init)"}
 
 
