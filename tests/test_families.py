@@ -206,3 +206,15 @@ def test_gmm_default_nh_keeps_every_pixel_up_to_256_and_never_more_than_the_crop
     card = artifact.verify(few)
     assert card["architecture"]["nh"] == 16 and card["training"]["pca_residual_variance"] >= 1e-4  # reg_covar floor
     assert card["scores"]["default"] == "m_full_map"
+
+
+def test_gmm_colour_pixel_map_sums_the_channels_to_m_full():
+    """BGR patches: the map is (N, P, P), each pixel the sum of its three channels' shares of m_full."""
+    g = torch.Generator().manual_seed(2)
+    crops = (0.5 + 0.1 * torch.randn(800, 3, 8, 8, generator=g)).clamp(0, 1)
+    module, _, _, _ = fit_pca_gmm(crops, nh=40, components=2, reg_covar=1e-4, seed=0)
+    scripted = torch.jit.script(module)
+    x = torch.cat([crops[:4], torch.rand(2, 3, 8, 8, generator=g)])
+    pixel_map = scripted.pixel_map(x)
+    assert pixel_map.shape == (6, 8, 8) and bool((pixel_map >= 0).all())
+    torch.testing.assert_close(pixel_map.sum((1, 2)), scripted.score(x, "m_full"), rtol=1e-4, atol=1e-3)
