@@ -290,8 +290,8 @@ def export(model: nn.Module, opts: TrainOptions, out: Path, frame_h: int, frame_
         scores["names"].append(head["name"])
         scores["default"] = head["name"]
     if opts.model in ("gmm", "anogan"):
-        # GMM: its Mahalanobis distances (precisions up to 1/reg_covar) need float32, not bf16. AnoGAN: the latent search runs autograd,
-        # so the scorer must use no_grad (not inference_mode) and fp32 for the Adam steps on z.
+        # GMM: its Mahalanobis distances (precisions up to 1/reg_covar) need float32, not bf16. AnoGAN: the latent
+        # search runs autograd, so the scorer must use no_grad (not inference_mode) and fp32 for the Adam steps on z.
         scores["precision"] = "fp32"
         scores["needs_grad"] = opts.model == "anogan"
     card = {
