@@ -127,7 +127,7 @@ def train(
         raise DataError(f"--precision {precision!r} must be auto, fp32 or bf16")
     if latent_search not in ("encoder", "encoder+refine", "random"):
         raise DataError(f"--latent-search {latent_search!r} must be encoder, encoder+refine or random")
-    if min(nh or 1, components, crops_per_image) < 1 or min(gamma_steps, refine_steps) < 0 or not 0 <= lam <= 1:
+    if min(1 if nh is None else nh, components, crops_per_image) < 1 or min(gamma_steps, refine_steps) < 0 or not 0 <= lam <= 1:
         raise DataError("--nh, --components, --crops-per-image must be >= 1, --gamma-steps and --refine-steps >= 0, "
                         "--lambda in [0, 1]")
     if threshold_images is not None and threshold_images < 1:

@@ -188,6 +188,9 @@ def test_bad_family_options_are_one_line_errors(capsys, station, tmp_path):
     code, _, err = run(capsys, "train", station / "train/good", "--out", tmp_path / "g.pt", "--model", "gmm",
                        "--nh", "5000", "-q")
     assert code != 0 and "Traceback" not in err and "--nh 5000" in err
+    code, _, err = run(capsys, "train", station / "train/good", "--out", tmp_path / "g0.pt", "--model", "gmm",
+                       "--nh", "0", "-q")
+    assert code != 0 and "Traceback" not in err and "internal error" not in err and "--nh" in err
 
 
 def test_gmm_default_nh_keeps_every_pixel_up_to_256_and_never_more_than_the_crops(capsys, station, tmp_path):
