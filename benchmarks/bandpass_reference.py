@@ -9,12 +9,14 @@ hold, not of a model: a stain as faint as the grain's own blobs (docs/RESULTS.md
 """
 
 import argparse
-import csv
 from pathlib import Path
 
 import cv2
 import numpy as np
-from sklearn.metrics import roc_auc_score
+
+from edge_agent.evaluate_cmd import read_kinds
+from edge_agent.evaluation import roc_auc
+from edge_agent.images import list_images, read_image
 
 
 def bandpass_score(img: np.ndarray, sigma: float, border: int) -> float:
@@ -28,20 +30,21 @@ def main() -> None:
     ap.add_argument("--sigmas", type=float, nargs="+", default=[1.0, 2.0, 3.0, 4.0])
     ap.add_argument("--border", type=int, default=12, help="pixels left out at the edge (the blur's reach)")
     a = ap.parse_args()
-    load = lambda f: cv2.imread(str(f), cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255  # noqa: E731
-    good = [load(f) for f in sorted((a.data / "test/good").glob("*.png"))]
-    with open(a.data / "test/defect/kinds.csv") as fh:
-        kinds = {row["image"]: row["kind"] for row in csv.DictReader(fh)}
-    defects = {name: load(a.data / "test/defect" / name) for name in kinds}
+    load = lambda f: read_image(f).astype(np.float32) / 255  # noqa: E731  (the texture sets are grayscale)
+    good = [load(f) for f in list_images(a.data / "test/good")]
+    defect_files = list_images(a.data / "test/defect")
+    kinds = read_kinds(defect_files, None, a.data / "test/defect")
+    if kinds is None:
+        raise SystemExit(f"{a.data / 'test/defect'} has no kinds.csv; write the set with `edge-agent synth`")
     print("| kind | images | " + " | ".join(f"DoG sigma {s:g}" for s in a.sigmas) + " |")
     print("|---|---:|" + "---:|" * len(a.sigmas))
-    for kind in sorted(set(kinds.values())):
-        imgs = [defects[n] for n, k in kinds.items() if k == kind]
+    for kind in sorted(set(kinds)):
+        imgs = [load(f) for f, k in zip(defect_files, kinds) if k == kind]
         row = []
         for s in a.sigmas:
             g = [bandpass_score(x, s, a.border) for x in good]
             d = [bandpass_score(x, s, a.border) for x in imgs]
-            row.append(f"{roc_auc_score([0] * len(g) + [1] * len(d), g + d):.3f}")
+            row.append(f"{roc_auc(np.r_[np.zeros(len(g)), np.ones(len(d))], np.r_[g, d]):.3f}")
         print(f"| {kind} | {len(imgs)} | " + " | ".join(row) + " |")
 
 

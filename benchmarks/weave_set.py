@@ -35,27 +35,22 @@ def weave(rng: np.random.Generator, size: int) -> np.ndarray:
     return ((img + 0.08 * gradient) * rng.uniform(0.9, 1.1) + rng.normal(0, 0.01, img.shape)).astype(np.float32)
 
 
+def make_weave(seed: int, defect: str | None = None, size: int = synth.SIZE, width: int | None = None) -> synth.Part:
+    """One weave image, the same contract as synth.make_texture (defect in TEXTURE_DEFECTS, "random" or None)."""
+    rng = np.random.default_rng(seed)
+    img = weave(rng, size)
+    defect = synth._pick_defect(rng, defect, synth.TEXTURE_DEFECTS)
+    return synth._as_part(img, synth._texture_defect(rng, img, defect) if defect else None, defect)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=7)
     a = ap.parse_args()
-    counts = {"train/good": 200, "calib/good": 100, "test/good": 100, "test/defect": 100}
-    kinds = []
-    for split, n in counts.items():
-        (a.out / split).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            rng = np.random.default_rng(7_000_000 + synth.SPLITS[split] + i)
-            img = weave(rng, a.size)
-            name = f"{i:04d}.png"
-            if split == "test/defect":
-                kind = synth.TEXTURE_DEFECTS[int(rng.integers(len(synth.TEXTURE_DEFECTS)))]
-                mask = synth._texture_defect(rng, img, kind)
-                (a.out / "test/masks").mkdir(parents=True, exist_ok=True)
-                cv2.imwrite(str(a.out / "test/masks" / name), mask)
-                kinds.append(f"{name},{kind}")
-            cv2.imwrite(str(a.out / split / name), np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8))
-    (a.out / "test/defect/kinds.csv").write_text("image,kind\n" + "\n".join(kinds) + "\n")
+    synth.KINDS["weave"] = make_weave  # synth's own writer: same splits, seeds per split, masks and kinds.csv
+    counts = synth.write_dataset(a.out, seed=a.seed, size=a.size, kind="weave")
     print(f"wrote {sum(counts.values())} images to {a.out}")
 
 

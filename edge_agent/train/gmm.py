@@ -71,10 +71,11 @@ class PCAGMM(nn.Module):
         y = torch.einsum("nkd,kde->nke", f.unsqueeze(1) - self.means, self.precisions_cholesky)
         return 0.5 * y.pow(2).sum(2)
 
-    def map_component(self, f: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(N, Nh) features -> (N, K) half Mahalanobis distances and (N, 1) MAP components."""
+    def component_terms(self, f: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, Nh) features -> (N, K) half Mahalanobis distances, (N, K) log w_k p(f|k), (N, 1) MAP components."""
         m_all = self.mahalanobis_half(f)
-        return m_all, torch.argmax(self.log_weights - self.log_normalizer - m_all, dim=1, keepdim=True)
+        log_joint = self.log_weights - self.log_normalizer - m_all
+        return m_all, log_joint, torch.argmax(log_joint, dim=1, keepdim=True)
 
     def residual(self, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         """(N, D) what PCA's Nh directions do not explain: x - (mean + f V)."""
@@ -83,8 +84,7 @@ class PCAGMM(nn.Module):
     @torch.jit.export
     def scores(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         f = self.features(x)
-        m_all, k = self.map_component(f)
-        log_joint = self.log_weights - self.log_normalizer - m_all  # log w_k p(f|k)
+        m_all, log_joint, k = self.component_terms(f)
         m = m_all.gather(1, k).squeeze(1)
         residual_m = 0.5 * self.residual(x, f).pow(2).sum(1) * self.inv_residual_var
         return {
@@ -105,7 +105,7 @@ class PCAGMM(nn.Module):
     def pixel_map(self, x: torch.Tensor) -> torch.Tensor:
         """(N, P, P): each pixel's share of m_full, summed over channels (the map sums to m_full)."""
         f = self.features(x)
-        _, k = self.map_component(f)
+        _, _, k = self.component_terms(f)
         k = k.squeeze(1)
         y = torch.zeros_like(f)
         for c in range(self.precision_sqrt.shape[0]):  # per component: N x Nh^2 in all, not N x K x Nh^2
