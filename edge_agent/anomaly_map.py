@@ -159,25 +159,86 @@ class PositionStats:
 
 
 @dataclass(frozen=True)
+class LowSide:
+    """Texture loss: a patch the model explains far better than any good patch (a smear, a polished or wet
+    spot, a blurred area) is as anomalous as one it explains far worse.
+
+    A model of good texture gives every good patch a raw score (its pixel map summed over the patch, `m` for
+    the VAE) around the typical value for its dimension: a Gaussian's good patches lie on a shell, not at the
+    centre. A patch whose texture is gone lies near the centre and scores far below every good patch, which a
+    maximum never sees. The head adds, for a patch below `reference` (the lowest raw patch score on the
+    held-out good images), weight * reference / raw, `weight` being their median image score: a patch just
+    under the lowest good one scores like a typical good image, one half as low like twice that. Patches
+    at or above the reference keep the map's score, so the low side changes nothing on normal texture.
+    """
+
+    reference: float
+    weight: float
+    images: int
+
+    @staticmethod
+    def fit(raw_sums: list[torch.Tensor], image_scores: list[float]) -> LowSide | None:
+        """From held-out good images: each one's (N,) raw patch sums and its image score without the low side.
+        None when the raw scores are not positive (no shell to fall inside)."""
+        reference = min(float(r.min()) for r in raw_sums)
+        weight = float(np.median(image_scores))
+        if not (reference > 0 and weight > 0 and math.isfinite(reference) and math.isfinite(weight)):
+            return None
+        return LowSide(reference, weight, len(raw_sums))
+
+    def card(self) -> dict[str, Any]:
+        return {"reference": self.reference, "weight": self.weight, "images": self.images,
+                "rule": "patch score = max(map score, weight * reference / r) where r, the pixel map summed over "
+                        "the patch, is below reference: the lowest r on held-out good images; weight: their "
+                        "median image score"}
+
+    @staticmethod
+    def from_card(record: dict[str, Any]) -> LowSide:
+        try:
+            low = LowSide(float(record["reference"]), float(record["weight"]), int(record.get("images", 0)))
+        except (KeyError, TypeError, ValueError):
+            raise ModelError("the model card's anomaly_map low side is malformed; retrain the model") from None
+        if not (low.reference > 0 and low.weight > 0 and math.isfinite(low.reference) and math.isfinite(low.weight)):
+            raise ModelError("the model card's anomaly_map low side is malformed; retrain the model")
+        return low
+
+    def scores(self, pixel_maps: torch.Tensor) -> torch.Tensor:
+        """(N, P, P) pixel maps -> (N,) low-side patch scores, float32."""
+        return self.scores_from_sums(pixel_maps.flatten(1).float().sum(1))
+
+    def scores_from_sums(self, raw: torch.Tensor) -> torch.Tensor:
+        """(N,) raw patch scores (pixel maps summed over each patch) -> (N,) low-side patch scores: -inf where the
+        patch is not below the reference, so a normal patch never changes the map's score."""
+        raw = raw.float()
+        low = self.weight * self.reference / raw.clamp(min=self.reference * 1e-3)
+        return torch.where(raw < self.reference, low, torch.full_like(low, -math.inf))
+
+
+@dataclass(frozen=True)
 class MapHead:
-    """The card's `anomaly_map`: pixel maps -> fold mean -> blur -> (minus place mean) / place spread -> window max."""
+    """The card's `anomaly_map`: pixel maps -> fold mean -> blur -> (minus place mean) / place spread -> window max,
+    and with a low side (texture loss) the larger of that and LowSide's score."""
 
     sigma_px: float
     position: PositionStats | None = None
+    low: LowSide | None = None
 
     @staticmethod
     def from_card(card: dict[str, Any]) -> MapHead | None:
         record = card.get("anomaly_map")
         if not record:
             return None
-        position = record.get("position")
-        return MapHead(float(record.get("blur_sigma_px", 0.0)), PositionStats.from_card(position) if position else None)
+        position, low = record.get("position"), record.get("low")
+        return MapHead(float(record.get("blur_sigma_px", 0.0)), PositionStats.from_card(position) if position else None,
+                       LowSide.from_card(low) if low else None)
 
     def card(self) -> dict[str, Any]:
         return {"source": "pixel_map", "fold": "mean over overlapping patches", "blur_sigma_px": self.sigma_px,
                 "position": self.position.card() if self.position else None,
+                "low": self.low.card() if self.low else None,
                 "patch_score": "max of the map inside the patch" + (
-                    ", the map normalized by the good parts' median and spread at each place" if self.position else "")}
+                    ", the map normalized by the good parts' median and spread at each place" if self.position else "")
+                + (", or the low side's score where larger (texture loss)" if self.low else "")}
 
     def smoothed(self, grid: PatchGrid, pixel_maps: torch.Tensor) -> torch.Tensor:
         """(N, P, P) -> (H, W): the fold mean, blurred; what PositionStats.fit takes."""
@@ -197,8 +258,12 @@ class MapHead:
 
     def patch_scores(self, grid: PatchGrid, pixel_maps: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """(N, P, P) pixel maps of one frame -> (N,) patch scores."""
-        return self.scores_of_smoothed(grid, self.smoothed(grid, pixel_maps), cache)
+        low = self.low.scores(pixel_maps) if self.low is not None else None
+        return self.scores_of_smoothed(grid, self.smoothed(grid, pixel_maps), cache, low)
 
-    def scores_of_smoothed(self, grid: PatchGrid, smooth: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-        """(H, W) smoothed map (from `smoothed`) -> (N,) patch scores: what train uses once the statistics exist."""
-        return window_max(grid, self.normalized(smooth, cache))
+    def scores_of_smoothed(self, grid: PatchGrid, smooth: torch.Tensor, cache: dict | None = None,
+                           low: torch.Tensor | None = None) -> torch.Tensor:
+        """(H, W) smoothed map (from `smoothed`) -> (N,) patch scores: what train uses once the statistics exist;
+        `low`: the low side's (N,) scores (LowSide.scores), taken where larger."""
+        scores = window_max(grid, self.normalized(smooth, cache))
+        return scores if low is None else torch.maximum(scores, low.to(scores.device))

@@ -107,6 +107,9 @@ def train(
     blur_sigma: Annotated[Optional[float], typer.Option(help="Anomaly map Gaussian blur in px (0 = none, the default: blur buries 1-px scratches and fibres).")] = 0.0,
     position_stats: Annotated[bool, typer.Option(help="Compare the anomaly map with good parts at the same place "
                                                       "(fixtured parts); --no-position-stats for free-lying parts.")] = True,
+    texture_loss: Annotated[bool, typer.Option(help="The anomaly-map score also flags a patch the model explains "
+                                                    "far better than any held-out good patch (a smear, a polished "
+                                                    "or blurred spot).")] = True,
     target_frr: Annotated[float, typer.Option(help="False-reject rate the initial threshold aims at.")] = 0.01,
     beta_nll: Annotated[float, typer.Option(help="VAE: weight each pixel's NLL by sigma_x^(2 beta) in training "
                                                  "(beta-NLL; 0 = the plain ELBO).")] = 0.0,
@@ -152,8 +155,8 @@ def train(
                         search_lr=search_lr, latent_search=latent_search, threshold_images=threshold_images,
                         steps=steps, min_steps=min_steps, holdout=holdout, lr_schedule=lr_schedule,
                         early_stop=early_stop, anomaly_map=anomaly_map, blur_sigma=blur_sigma,
-                        position_stats=position_stats, target_frr=target_frr, beta_nll=beta_nll,
-                        latent=latent)
+                        position_stats=position_stats, texture_loss=texture_loss, target_frr=target_frr,
+                        beta_nll=beta_nll, latent=latent)
     card = fit(data_dir, out, opts)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 wrote the file and reports it
         return
@@ -326,12 +329,14 @@ def combine(
     target_frr: Annotated[float, typer.Option(help="False-reject rate the initial threshold guarantees (FRR method).")] = 0.01,
     confidence: Annotated[float, typer.Option(help="Confidence of the false-reject bound.")] = 0.95,
     name: Annotated[Optional[str], typer.Option(help="Model id in the card (default: the file name).")] = None,
+    texture_loss: Annotated[bool, typer.Option(help="The combined map score also flags a patch far below every "
+                                                    "good patch (as train does).")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Combine models into one: each one's anomaly map on a common scale, the pixelwise maximum (docs/RESULTS.md)."""
     from edge_agent.combine import combine as run_combine
 
-    card = run_combine(models, out, good, scale_images, target_frr, confidence, not quiet, name)
+    card = run_combine(models, out, good, scale_images, target_frr, confidence, not quiet, name, texture_loss)
     th = card["thresholds"][card["scores"]["default"]]
     members = ", ".join(f"{m['file']} x {m['scale']:.4g}" for m in card["architecture"]["members"])
     typer.echo(f"wrote {out}: {len(models)} models combined ({members}); threshold {card['scores']['default']} = "

@@ -28,7 +28,7 @@ from torch import nn
 
 import edge_agent
 from edge_agent import artifact, calibrate
-from edge_agent.anomaly_map import MapHead, fold_mean, window_max
+from edge_agent.anomaly_map import LowSide, MapHead, fold_mean, window_max
 from edge_agent.errors import ConfigError, DataError, ModelError
 from edge_agent.evaluation import ImageResult, blank_frame_scores
 from edge_agent.images import file_hashes, fingerprint, fitted_files, list_images, read_image
@@ -159,7 +159,7 @@ def _member_record(path: Path, card: dict[str, Any], scale: float, maxima: list[
 
 def combine(paths: list[Path], out: Path, good: Path | None = None, scale_images: int = SCALE_IMAGES,
             target_frr: float = 0.01, confidence: float = 0.95, progress: bool = True,
-            name: str | None = None) -> dict[str, Any]:
+            name: str | None = None, texture_loss: bool = True) -> dict[str, Any]:
     """Write the combined artifact and set its threshold; returns its card.
 
     The good images (--good, default: the ones every member held out of training) are split alternately:
@@ -233,11 +233,11 @@ def combine(paths: list[Path], out: Path, good: Path | None = None, scale_images
                      "python": platform.python_version()},
     }
     artifact.save(module, card, out)
-    return set_threshold(out, threshold_files, target_frr, confidence, progress)
+    return set_threshold(out, threshold_files, target_frr, confidence, progress, texture_loss)
 
 
 def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: float,
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, texture_loss: bool = True) -> dict[str, Any]:
     """Every score's threshold by the good-only FRR method on `files`, written into the card."""
     from edge_agent.scoring import Scorer
     from edge_agent.train.fit import quantiles
@@ -247,7 +247,7 @@ def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: 
     scorer = Scorer(path, device="cpu", threshold=math.inf, warmup=False)
     blanks = blank_frame_scores(scorer, scorer.card["scores"]["names"])
     raw = scorer.card["scores"]["names"][0]
-    results: dict[str, list[float]] = {}
+    images: list[ImageResult] = []
     t0 = time.monotonic()
     with Progress(len(files), "threshold", enabled=progress) as bar:
         for f in files:
@@ -256,14 +256,23 @@ def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: 
             with torch.inference_mode():
                 values = {raw: maps.flatten(1).sum(1).cpu().numpy(),
                           scorer.head_name: scorer.head.patch_scores(grid, maps).cpu().numpy()}
-            image = ImageResult(f, grid, values, scorer.counted(grid))
-            for k in values:
-                results.setdefault(k, []).append(image.image_score(k))
+            images.append(ImageResult(f, grid, values, scorer.counted(grid)))
             bar.update(1)
+    # The low side (texture loss, anomaly_map.LowSide) from the same images, as train fits a single model's.
+    low = LowSide.fit([torch.from_numpy(i.scores[raw]) for i in images],
+                      [i.image_score(scorer.head_name) for i in images]) if texture_loss else None
+    results: dict[str, list[float]] = {}
+    for image in images:
+        if low is not None:
+            image.scores[scorer.head_name] = np.maximum(image.scores[scorer.head_name],
+                                                        low.scores_from_sums(torch.from_numpy(image.scores[raw])).numpy())
+        for k in image.scores:
+            results.setdefault(k, []).append(image.image_score(k))
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     hashes = file_hashes(files)
 
     def change(card: dict[str, Any]) -> dict[str, Any]:
+        card["anomaly_map"] = {**card["anomaly_map"], **MapHead(0.0, None, low).card()}
         for k, values in results.items():
             good = np.array(values, dtype=np.float64)
             entry = calibrate.choose(good, None, "frr", target_frr, None, confidence, blanks.get(k))

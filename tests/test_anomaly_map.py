@@ -1,6 +1,7 @@
 """The anomaly-map head against hand computations, its card round trip, and the hold-out that sets a fresh
 model's threshold."""
 
+import dataclasses
 import math
 
 import cv2
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from edge_agent import artifact
-from edge_agent.anomaly_map import (POSITION_SCALE, MapHead, PositionStats, fold_mean, gaussian_blur,
+from edge_agent.anomaly_map import (POSITION_SCALE, LowSide, MapHead, PositionStats, fold_mean, gaussian_blur,
                                     window_max)
 from edge_agent.errors import DataError, ModelError
 from edge_agent.patches import PatchGrid
@@ -117,6 +118,48 @@ def test_head_card_round_trip():
     assert MapHead.from_card({}) is None
 
 
+def test_low_side_scores_by_hand():
+    grid = PatchGrid.for_frame(64, 64, 32, 16)  # 3 x 3 patches
+    g = torch.Generator().manual_seed(0)
+    maps = 0.5 + torch.rand(grid.count, 32, 32, generator=g)  # every patch sums to about 1024
+    maps[4] = 1e-3  # the centre patch: texture gone, the model explains it far better than any good patch
+    low = LowSide(reference=400.0, weight=3.0, images=7)
+    plain = MapHead(0.0).patch_scores(grid, maps).numpy()
+    scores = MapHead(0.0, None, low).patch_scores(grid, maps).numpy()
+    sums = maps.flatten(1).double().sum(1).numpy()
+    assert (np.delete(sums, 4) > 400.0).all()
+    assert scores[4] == pytest.approx(3.0 * 400.0 / 1.024, rel=1e-4)  # 1024 pixels of 1e-3
+    np.testing.assert_allclose(np.delete(scores, 4), np.delete(plain, 4), rtol=1e-6)  # above the reference: as before
+    # Just under the reference: weight x reference / sum, even where the map's own score is lower.
+    maps[0] = 399.0 / 1024
+    scores = MapHead(0.0, None, low).patch_scores(grid, maps).numpy()
+    assert scores[0] == pytest.approx(max(MapHead(0.0).patch_scores(grid, maps).numpy()[0], 3.0 * 400.0 / 399.0),
+                                      rel=1e-5)
+    # A pixel map summing to zero cannot divide by zero: it is clamped at 1/1000 of the reference.
+    zero = MapHead(0.0, None, low).patch_scores(grid, torch.zeros(grid.count, 32, 32)).numpy()
+    np.testing.assert_allclose(zero, 3.0 * 1000.0)
+
+
+def test_low_side_fit_takes_the_lowest_good_patch_and_the_median_image_score():
+    low = LowSide.fit([torch.tensor([5.0, 3.0, 9.0]), torch.tensor([4.0, 7.0])], [1.0, 2.0, 10.0])
+    assert (low.reference, low.weight, low.images) == (3.0, 2.0, 2)
+    # A patch just under the lowest good one scores the median good image's score; one at or above it nothing.
+    got = low.scores_from_sums(torch.tensor([2.999, 1.5, 3.0, 50.0])).tolist()
+    assert got[:2] == [pytest.approx(2.0, rel=1e-3), pytest.approx(4.0)] and got[2:] == [-math.inf, -math.inf]
+    assert LowSide.fit([torch.tensor([0.0, 3.0])], [1.0]) is None  # no shell: nothing to fall inside
+    assert LowSide.fit([torch.tensor([2.0])], [-1.0]) is None  # position-normalized scores below zero
+
+
+def test_head_with_low_side_card_round_trip():
+    card = {"anomaly_map": {"name": "m_map", **MapHead(0.0, None, LowSide(12.5, 4.0, 40)).card()}}
+    head = MapHead.from_card(card)
+    assert head.low == LowSide(12.5, 4.0, 40) and head.position is None
+    assert MapHead.from_card({"anomaly_map": {"name": "m_map", **MapHead(0.0).card()}}).low is None
+    for bad in ({"reference": -1.0, "weight": 4.0}, {"weight": 4.0}, {"reference": "x", "weight": 1.0}):
+        with pytest.raises(ModelError, match="low side"):
+            MapHead.from_card({"anomaly_map": {"name": "m_map", **MapHead(0.0).card(), "low": bad}})
+
+
 def test_split_holdout_is_disjoint_even_and_sized():
     keep, held = split_holdout(200, 0.2)
     assert len(held) == 40 and len(keep) == 160 and not set(keep) & set(held)
@@ -176,7 +219,8 @@ def test_fresh_model_is_thresholded_on_held_out_images(held_out_model):
 
 
 def test_fresh_threshold_is_the_max_of_the_held_out_scores(held_out_model):
-    from edge_agent.evaluation import score_files
+    from edge_agent.evaluation import ImageResult, score_files
+    from edge_agent.images import read_image
     from edge_agent.images import file_hashes, list_images
     from edge_agent.scoring import Scorer
 
@@ -187,6 +231,20 @@ def test_fresh_threshold_is_the_max_of_the_held_out_scores(held_out_model):
              if h in set(entry["image_hashes"])]
     results = score_files(scorer, files, ["m_map"], progress=False)
     assert entry["value"] == pytest.approx(max(r.image_score("m_map") for r in results), rel=1e-5)
+    # The low side (texture loss) from the same images: the lowest patch's pixel-map sum, and the median image
+    # score of the map without it.
+    low = scorer.card["anomaly_map"]["low"]
+    plain = dataclasses.replace(scorer.head, low=None)
+    sums, image_scores = [], []
+    for f in files:
+        grid, patches = scorer.patches(read_image(f))
+        maps = scorer.pixel_maps(patches)
+        sums.append(float(maps.flatten(1).sum(1).min()))
+        image_scores.append(ImageResult(f, grid, {"s": plain.patch_scores(grid, maps).numpy()},
+                                        scorer.counted(grid)).image_score("s"))
+    assert low["images"] == len(files) == 4
+    assert low["reference"] == pytest.approx(min(sums), rel=1e-4)
+    assert low["weight"] == pytest.approx(float(np.median(image_scores)), rel=1e-4)
 
 
 def test_scorer_head_equals_the_hand_pipeline(held_out_model):

@@ -111,6 +111,17 @@ def test_combine_writes_an_artifact_the_scorer_runs_like_any_model(combined, sta
     assert entry["n_good"] == len(threshold_files) and entry["method"] == "frr"
     assert entry["value"] == pytest.approx(top[(frr_rank(len(top), 0.01, 0.95) or 1) - 1], rel=1e-4)
     assert scorer.threshold == pytest.approx(entry["value"])
+    # The low side (texture loss) fitted on the same images, as train does for one model.
+    low, plain = card["anomaly_map"]["low"], Scorer(out, device="cpu", fast=False)
+    sums = [float(Scorer(out, device="cpu", score_name="m").score_image(read_image(f)).scores.min())
+            for f in threshold_files]
+    image_scores = []
+    for f in threshold_files:
+        grid, patches = plain.patches(read_image(f))
+        image_scores.append(float(window_max(grid, fold_mean(grid, plain.pixel_maps(patches))).max()))
+    assert low["images"] == len(threshold_files)
+    assert low["reference"] == pytest.approx(min(sums), rel=1e-4)
+    assert low["weight"] == pytest.approx(float(np.median(image_scores)), rel=1e-4)
 
 
 def test_combined_model_in_bf16_keeps_each_members_output_layer_float32(combined, station):

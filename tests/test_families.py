@@ -221,3 +221,39 @@ def test_gmm_colour_pixel_map_sums_the_channels_to_m_full():
     pixel_map = scripted.pixel_map(x)
     assert pixel_map.shape == (6, 8, 8) and bool((pixel_map >= 0).all())
     torch.testing.assert_close(pixel_map.sum((1, 2)), scripted.score(x, "m_full"), rtol=1e-4, atol=1e-3)
+
+
+def test_texture_loss_flags_a_smeared_spot_and_can_be_turned_off(capsys, tmp_path):
+    """A gmm on a grain texture: blurring a disc away makes its patches explain better than any good patch; the
+    default map score flags it there (anomaly_map.LowSide), --no-texture-loss leaves no low side in the card."""
+    import cv2
+
+    from edge_agent.synth import write_dataset
+
+    write_dataset(tmp_path / "d", n_train=60, n_calib=0, n_test_good=1, n_test_defect=0, seed=5, size=64,
+                  kind="texture")
+    out = tmp_path / "t.pt"
+    code, _, err = run(capsys, "train", tmp_path / "d/train/good", "--out", out, "--model", "gmm", "--patch-size", 16,
+                       "--stride", 8, "-q")
+    assert code == 0, err
+    card = artifact.verify(out)
+    assert card["scores"]["default"] == "m_full_map" and card["anomaly_map"]["low"]["images"] == 12
+    good = cv2.imread(str(tmp_path / "d/test/good/0000.png"))
+    smeared = good.copy()
+    disc = np.zeros(good.shape[:2], np.uint8)
+    cv2.circle(disc, (40, 24), 12, 1, -1)
+    smeared[disc > 0] = cv2.GaussianBlur(good, (0, 0), 4)[disc > 0]
+    scorer = Scorer(out, device="cpu")
+    threshold = card["thresholds"]["m_full_map"]["value"]
+    grid, patches = scorer.patches(smeared)
+    scores = scorer.score_frame(grid, patches)
+    assert scores.max() > threshold
+    x, y, w, h = grid.box(int(scores.argmax()))
+    assert x <= 40 < x + w and y <= 24 < y + h, "the flagged patch is not the smeared one"
+    grid, patches = scorer.patches(good)
+    assert scorer.score_frame(grid, patches).max() < scores.max()
+    off = tmp_path / "off.pt"
+    code, _, err = run(capsys, "train", tmp_path / "d/train/good", "--out", off, "--model", "gmm", "--patch-size", 16,
+                       "--stride", 8, "--no-texture-loss", "-q")
+    assert code == 0, err
+    assert artifact.verify(off)["anomaly_map"]["low"] is None

@@ -84,6 +84,7 @@ class TrainOptions:
     min_position_images: int = 50  # fewer give a noisy per-place spread that costs more than it buys
     blur_sigma: float = 0.0  # px; measured on three sets (docs/RESULTS.md): any blur buries 1-px scratches and fibres
     position_stats: bool = True  # normalize the map by what good parts show at each place (fixtured parts)
+    texture_loss: bool = True  # the map score also flags patches far below every good one (anomaly_map.LowSide)
     target_frr: float = 0.01
     confidence: float = 0.95
     extra_card: dict[str, Any] = field(default_factory=dict)
@@ -478,7 +479,7 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
     many as fit in max(60 s, 10 % of training); the card says how many it used.
     """
     from edge_agent import calibrate  # scoring side; imported late to keep train light
-    from edge_agent.anomaly_map import MapHead, PositionStats
+    from edge_agent.anomaly_map import LowSide, MapHead, PositionStats
     from edge_agent.evaluation import ImageResult, blank_frame_scores
     from edge_agent.images import read_image
     from edge_agent.scoring import Scorer
@@ -506,6 +507,7 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
     position_files: list[Path] = []
     raw: list[dict[str, np.ndarray]] = []
     smooth: list[torch.Tensor] = []
+    sums: list[torch.Tensor] = []  # each threshold image's raw patch scores as the head sees them (the low side)
     grids: list[Any] = []
     used: list[Path] = []
     with Progress(len(files), "threshold", enabled=opts.progress) as bar:
@@ -520,17 +522,24 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
             else:
                 raw.append(scorer.score_patches_all(patches))
                 if head is not None:
-                    smooth.append(head.smoothed(grid, scorer.pixel_maps(patches)))
+                    maps = scorer.pixel_maps(patches)
+                    smooth.append(head.smoothed(grid, maps))
+                    sums.append(maps.flatten(1).float().sum(1).cpu())
                 grids.append(grid)
                 used.append(f)
             bar.update(1)
         if position_maps:
             head = MapHead(head.sigma_px, PositionStats.fit(position_maps))
+        if head is not None and opts.texture_loss and used:
+            head = dataclasses.replace(head, low=LowSide.fit(sums, [
+                ImageResult(f, grid, {"s": head.scores_of_smoothed(grid, smooth[k]).numpy()},
+                            scorer.counted(grid)).image_score("s") for k, (f, grid) in enumerate(zip(used, grids))]))
         results: dict[str, list[float]] = {}
         for k, (f, grid) in enumerate(zip(used, grids)):
             values = dict(raw[k])
             if head is not None:
-                values[scorer.head_name] = head.scores_of_smoothed(grid, smooth[k]).numpy()
+                low = head.low.scores_from_sums(sums[k]) if head.low is not None else None
+                values[scorer.head_name] = head.scores_of_smoothed(grid, smooth[k], low=low).numpy()
             image = ImageResult(f, grid, values, scorer.counted(grid))
             for name in values:
                 results.setdefault(name, []).append(image.image_score(name))
