@@ -180,11 +180,12 @@ class LowSide:
     def fit(raw_sums: list[torch.Tensor], image_scores: list[float]) -> LowSide | None:
         """From held-out good images: each one's (N,) raw patch sums and its image score without the low side.
         None when the raw scores are not positive (no shell to fall inside)."""
-        reference = min(float(r.min()) for r in raw_sums)
-        weight = float(np.median(image_scores))
-        if not (reference > 0 and weight > 0 and math.isfinite(reference) and math.isfinite(weight)):
-            return None
-        return LowSide(reference, weight, len(raw_sums))
+        low = LowSide(min(float(r.min()) for r in raw_sums), float(np.median(image_scores)), len(raw_sums))
+        return low if low.usable else None
+
+    @property
+    def usable(self) -> bool:
+        return self.reference > 0 and self.weight > 0 and math.isfinite(self.reference) and math.isfinite(self.weight)
 
     def card(self) -> dict[str, Any]:
         return {"reference": self.reference, "weight": self.weight, "images": self.images,
@@ -198,7 +199,7 @@ class LowSide:
             low = LowSide(float(record["reference"]), float(record["weight"]), int(record.get("images", 0)))
         except (KeyError, TypeError, ValueError):
             raise ModelError("the model card's anomaly_map low side is malformed; retrain the model") from None
-        if not (low.reference > 0 and low.weight > 0 and math.isfinite(low.reference) and math.isfinite(low.weight)):
+        if not low.usable:
             raise ModelError("the model card's anomaly_map low side is malformed; retrain the model")
         return low
 
@@ -258,12 +259,10 @@ class MapHead:
 
     def patch_scores(self, grid: PatchGrid, pixel_maps: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """(N, P, P) pixel maps of one frame -> (N,) patch scores."""
-        low = self.low.scores(pixel_maps) if self.low is not None else None
-        return self.scores_of_smoothed(grid, self.smoothed(grid, pixel_maps), cache, low)
+        scores = self.scores_of_smoothed(grid, self.smoothed(grid, pixel_maps), cache)
+        return scores if self.low is None else torch.maximum(scores, self.low.scores(pixel_maps).to(scores.device))
 
-    def scores_of_smoothed(self, grid: PatchGrid, smooth: torch.Tensor, cache: dict | None = None,
-                           low: torch.Tensor | None = None) -> torch.Tensor:
-        """(H, W) smoothed map (from `smoothed`) -> (N,) patch scores: what train uses once the statistics exist;
-        `low`: the low side's (N,) scores (LowSide.scores), taken where larger."""
-        scores = window_max(grid, self.normalized(smooth, cache))
-        return scores if low is None else torch.maximum(scores, low.to(scores.device))
+    def scores_of_smoothed(self, grid: PatchGrid, smooth: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """(H, W) smoothed map (from `smoothed`) -> (N,) patch scores without the low side: what train uses once
+        the statistics exist."""
+        return window_max(grid, self.normalized(smooth, cache))

@@ -530,18 +530,21 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
             bar.update(1)
         if position_maps:
             head = MapHead(head.sigma_px, PositionStats.fit(position_maps))
-        if head is not None and opts.texture_loss and used:
-            head = dataclasses.replace(head, low=LowSide.fit(sums, [
-                ImageResult(f, grid, {"s": head.scores_of_smoothed(grid, smooth[k]).numpy()},
-                            scorer.counted(grid)).image_score("s") for k, (f, grid) in enumerate(zip(used, grids))]))
+        images = [ImageResult(f, grid, dict(raw[k]), scorer.counted(grid))
+                  for k, (f, grid) in enumerate(zip(used, grids))]
+        if head is not None:
+            for k, image in enumerate(images):
+                image.scores[scorer.head_name] = head.scores_of_smoothed(image.grid, smooth[k]).numpy()
+            if opts.texture_loss and images:  # the low side from the map's scores without it, on the same images
+                scores = [i.image_score(scorer.head_name) for i in images]
+                head = dataclasses.replace(head, low=LowSide.fit(sums, scores))
+            if head.low is not None:
+                for k, image in enumerate(images):
+                    image.scores[scorer.head_name] = np.maximum(image.scores[scorer.head_name],
+                                                                head.low.scores_from_sums(sums[k]).numpy())
         results: dict[str, list[float]] = {}
-        for k, (f, grid) in enumerate(zip(used, grids)):
-            values = dict(raw[k])
-            if head is not None:
-                low = head.low.scores_from_sums(sums[k]) if head.low is not None else None
-                values[scorer.head_name] = head.scores_of_smoothed(grid, smooth[k], low=low).numpy()
-            image = ImageResult(f, grid, values, scorer.counted(grid))
-            for name in values:
+        for image in images:
+            for name in image.scores:
                 results.setdefault(name, []).append(image.image_score(name))
     if len(used) < len(files) - len(position_files):
         logger.info("threshold phase: %d of %d held-out images fitted the %.0f s budget", len(used) +
