@@ -227,7 +227,7 @@ def run(config_path: Path, overrides: list[str] | None = None, max_frames: int |
         systemd.ready(f"inspecting {pipeline.source.describe()} with {scorer.model_id}{fallback}")
         logger.info("ready: station %s, %s mode, model %s (%s, threshold %.6g), boot %s", config.station.id,
                     config.inspection.mode, scorer.model_id, scorer.score_name, scorer.threshold, boot_id)
-        stop.wait()
+        _wait_for_stop(stop)
         systemd.stopping("draining in-flight frames")
         logger.info("stopping: draining in-flight frames, then flushing the outbox (up to %.0f s)",
                     config.outbox.flush_timeout_s)
@@ -304,7 +304,7 @@ def run_station(config: Config, max_frames: int | None = None,
         logger.info("ready: station %s, %s mode, cameras %s, boot %s", config.station.id, config.inspection.mode,
                     ", ".join(f"{cid} ({p.source.describe()}, {p.model.scorer.model_id})"
                               for cid, p in station.pipelines.items()), boot_id)
-        stop.wait()
+        _wait_for_stop(stop)
         systemd.stopping("draining in-flight frames")
         logger.info("stopping: draining in-flight frames of %d cameras, then flushing the outbox (up to %.0f s)",
                     len(pipelines), config.outbox.flush_timeout_s)
@@ -363,6 +363,18 @@ def _model_info(metrics: Metrics, model: Model) -> None:
                        str(s.dtype).removeprefix("torch."))
     metrics.calibration(s.threshold, s.card.get("thresholds", {}).get(s.score_name, {}).get("good_image_scores"))
     metrics.device_fallback(getattr(s, "device_fallback", None) is not None)
+
+
+def _wait_for_stop(stop: threading.Event, poll_s: float = 0.5) -> None:
+    """Park the main thread until stop is set, waking every poll_s.
+
+    The kernel hands SIGTERM/SIGHUP to any thread of the process that does not block it (capture, infer,
+    paho, a torch worker); Python then runs the handler in the main thread the next time that thread runs
+    bytecode. A main thread parked in an untimed Event.wait() never does, so such a signal was ignored until
+    systemd's SIGKILL. Waking twice a second bounds the delay and costs nothing.
+    """
+    while not stop.wait(poll_s):
+        pass
 
 
 def _install_signals(stop: threading.Event, reloader: Any) -> None:

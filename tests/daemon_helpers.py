@@ -7,8 +7,10 @@ stderr are read as they come, tiny TorchScript artifacts with planted behaviour.
 
 from __future__ import annotations
 
+import ctypes
 import getpass
 import json
+import os
 import re
 import signal
 import socket
@@ -164,9 +166,37 @@ class RunningAgent:
         """SIGTERM; returns (exit code, seconds from the signal to the exit)."""
         t0 = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(timeout_s)
+        try:
+            rc = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)  # faulthandler (PYTHONFAULTHANDLER) prints every thread's stack
+            self.proc.wait(10)
+            time.sleep(0.1)
+            raise AssertionError(f"agent did not exit within {timeout_s} s of SIGTERM; its stderr, "
+                                 f"ending with every thread's stack:\n{self.stderr[-20000:]}") from None
         elapsed = time.monotonic() - t0
         time.sleep(0.1)  # let the reader threads take the last lines
+        return rc, elapsed
+
+    def terminate_via_thread(self, timeout_s: float = TIMEOUT_S) -> tuple[int, float]:
+        """SIGTERM to one of the agent's worker threads (tgkill), not to its main thread, as the kernel may do
+        with kill(pid) when the main thread already has a signal pending; returns (exit code, seconds)."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        workers = [int(t) for t in os.listdir(f"/proc/{self.proc.pid}/task") if int(t) != self.proc.pid]
+        assert workers, "the agent has no worker threads"
+        t0 = time.monotonic()
+        if libc.tgkill(self.proc.pid, workers[-1], signal.SIGTERM) != 0:
+            raise OSError(ctypes.get_errno(), "tgkill")
+        try:
+            rc = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(10)
+            time.sleep(0.1)
+            raise AssertionError(f"agent did not exit within {timeout_s} s of a SIGTERM taken by a worker thread; "
+                                 f"its stderr, ending with every thread's stack:\n{self.stderr[-20000:]}") from None
+        elapsed = time.monotonic() - t0
+        time.sleep(0.1)
         return rc, elapsed
 
     def kill(self) -> None:

@@ -90,7 +90,8 @@ def agent(*args: str) -> list[str]:
 
 
 def env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(ROOT), EDGE_AGENT_LOG_LEVEL="INFO")
+    # PYTHONFAULTHANDLER: a daemon that hangs is sent SIGABRT by the tests and prints every thread's stack.
+    return dict(os.environ, PYTHONPATH=str(ROOT), EDGE_AGENT_LOG_LEVEL="INFO", PYTHONFAULTHANDLER="1")
 
 
 class Subscriber:
