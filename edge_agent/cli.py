@@ -393,7 +393,13 @@ def run(
     print_verdicts: Annotated[bool, typer.Option("--print-verdicts", help="Echo one line per verdict on stdout.")] = False,
 ) -> None:
     """Run the station daemon: camera -> patch scoring -> verdicts over MQTT, metrics over HTTP. Stops on SIGTERM."""
+    import faulthandler
+
     from edge_agent.daemon import run as run_daemon
+
+    # systemd's watchdog (and TimeoutStopFailureMode=abort) stops a wedged agent with SIGABRT: every thread's
+    # stack then goes to stderr, the journal, and says where it hung.
+    faulthandler.enable(all_threads=True)
 
     run_daemon(config, overrides or [], frames, _print_verdict if print_verdicts else None)
 

@@ -128,9 +128,9 @@ VERDICT_LINE = re.compile(r"^seq=(\d+) (OK|NG|ERROR) .*$", re.M)
 class RunningAgent:
     """`edge-agent run CONFIG --print-verdicts` as a child process; stdout/stderr read on threads."""
 
-    def __init__(self, config: Path, *args: str) -> None:
+    def __init__(self, config: Path, *args: str, environ: dict[str, str] | None = None) -> None:
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(agent("run", str(config), "--print-verdicts", *args), env=env(),
+        self.proc = subprocess.Popen(agent("run", str(config), "--print-verdicts", *args), env=environ or env(),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.out: list[str] = []
         self.err: list[str] = []

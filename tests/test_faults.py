@@ -34,7 +34,7 @@ from tests.daemon_helpers import (
     planted_model,
     wait_until,
 )
-from tests.test_daemon import metric, scrape, station_video, validate, write_config
+from tests.test_daemon import env, metric, scrape, station_video, validate, write_config
 
 ROOT = Path(__file__).parent.parent
 OUTAGE_S = float(os.environ.get("EDGE_FAULT_OUTAGE_S", "3"))
@@ -428,6 +428,26 @@ def test_sigterm_taken_by_a_worker_thread_still_stops_the_agent(tmp_path, vae_mo
     assert rc == 0, agent.stderr
     assert "SIGTERM received" in agent.stderr and "Traceback" not in agent.stderr
     print(f"\nFAULT sigterm_worker_thread: exit {rc} {elapsed:.1f} s after a SIGTERM delivered to a worker thread")
+
+
+@needs_mosquitto
+@pytest.mark.integration
+def test_an_agent_stopped_by_sigabrt_leaves_every_threads_stack_in_its_log(tmp_path, vae_model, broker):
+    # systemd's watchdog, and a stop that overruns TimeoutStopSec (TimeoutStopFailureMode=abort), send SIGABRT:
+    # the journal must then say where each thread was. Without PYTHONFAULTHANDLER: the agent enables it itself.
+    assert unit_setting("TimeoutStopFailureMode") == "abort"
+    config = write_config(tmp_path, vae_model, station_video(tmp_path / "parts.avi", 10), broker.port, loop=True,
+                          fps=20)
+    environ = {k: v for k, v in env().items() if k != "PYTHONFAULTHANDLER"}
+    agent = RunningAgent(config, environ=environ)
+    agent.wait_printed(2)
+    agent.proc.send_signal(signal.SIGABRT)
+    rc = agent.wait(30)
+    assert rc == -signal.SIGABRT
+    err = agent.stderr
+    assert "Fatal Python error: Aborted" in err, err[-3000:]
+    assert "in _wait_for_stop" in err and "in _infer_loop" in err and "in _run" in err, err[-3000:]
+    print(f"\nFAULT sigabrt_stacks: {err.count('Thread 0x') + 1} thread stacks in the log after SIGABRT")
 
 
 # 8. Outbox full
