@@ -49,11 +49,13 @@ def _blob(rng: np.random.Generator, shape: tuple[int, int], x: float, y: float, 
     return cv2.GaussianBlur(m, (0, 0), 1.5)
 
 
-def _defect(rng: np.random.Generator, img: np.ndarray, kind: str) -> np.ndarray:
-    """Change img in place with one defect of `kind`; return its mask."""
+def _defect(rng: np.random.Generator, img: np.ndarray, kind: str, at: tuple[float, float] | None = None) -> np.ndarray:
+    """Change img in place with one defect of `kind` (centred at `at`, else anywhere); return its mask."""
     h, w = img.shape
     s = min(h, w) / 128
     x, y = rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.85) * h
+    if at is not None:
+        x, y = at
     before = img.copy()
     if kind == "cutpaste":
         bh, bw = (int(v) for v in rng.uniform(10, 24, 2) * s)
