@@ -6,6 +6,8 @@ thread but partly copies large debris and misses the hole's sharp edge by a pixe
 map is divided by the median of its image maxima over the first half of the calibration images, then:
 
 - after the fold: the pixelwise maximum of the models' fold-mean maps (round 5's measurement);
+- after the fold, the mean: the pixelwise mean of the scaled fold-mean maps (round 10: a place where one model
+  errs on a good part is diluted by the other, a defect caught by one model is halved);
 - before the fold: the fold mean of the pixelwise maximum of the models' per-patch pixel maps, which is what
   `edge-agent combine` writes (its module's pixel_map is the scaled maximum; the map head folds it).
 
@@ -85,6 +87,7 @@ def main() -> None:
             for c in combos:
                 names = " + ".join(a.models[k].name for k in c)
                 put(f"{names}: max after the fold", split, i, top(grid, torch.stack([folds[k] for k in c]).amax(0)))
+                put(f"{names}: mean after the fold", split, i, top(grid, torch.stack([folds[k] for k in c]).mean(0)))
                 pre = torch.stack([scales[k] * pixel[k] for k in c]).amax(0)
                 put(f"{names}: max before the fold (combine)", split, i, top(grid, fold_mean(grid, pre)))
             done += 1
