@@ -166,17 +166,7 @@ class RunningAgent:
         """SIGTERM; returns (exit code, seconds from the signal to the exit)."""
         t0 = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGABRT)  # faulthandler (PYTHONFAULTHANDLER) prints every thread's stack
-            self.proc.wait(10)
-            time.sleep(0.1)
-            raise AssertionError(f"agent did not exit within {timeout_s} s of SIGTERM; its stderr, "
-                                 f"ending with every thread's stack:\n{self.stderr[-20000:]}") from None
-        elapsed = time.monotonic() - t0
-        time.sleep(0.1)  # let the reader threads take the last lines
-        return rc, elapsed
+        return self._exit_after(t0, timeout_s, "SIGTERM")
 
     def terminate_via_thread(self, timeout_s: float = TIMEOUT_S) -> tuple[int, float]:
         """SIGTERM to one of the agent's worker threads (tgkill), not to its main thread, as the kernel may do
@@ -187,16 +177,19 @@ class RunningAgent:
         t0 = time.monotonic()
         if libc.tgkill(self.proc.pid, workers[-1], signal.SIGTERM) != 0:
             raise OSError(ctypes.get_errno(), "tgkill")
+        return self._exit_after(t0, timeout_s, "a SIGTERM taken by a worker thread")
+
+    def _exit_after(self, t0: float, timeout_s: float, what: str) -> tuple[int, float]:
         try:
             rc = self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGABRT)
+            self.proc.send_signal(signal.SIGABRT)  # faulthandler (PYTHONFAULTHANDLER) prints every thread's stack
             self.proc.wait(10)
             time.sleep(0.1)
-            raise AssertionError(f"agent did not exit within {timeout_s} s of a SIGTERM taken by a worker thread; "
-                                 f"its stderr, ending with every thread's stack:\n{self.stderr[-20000:]}") from None
+            raise AssertionError(f"agent did not exit within {timeout_s} s of {what}; its stderr, "
+                                 f"ending with every thread's stack:\n{self.stderr[-20000:]}") from None
         elapsed = time.monotonic() - t0
-        time.sleep(0.1)
+        time.sleep(0.1)  # let the reader threads take the last lines
         return rc, elapsed
 
     def kill(self) -> None:
