@@ -6,6 +6,7 @@ configuration and model problems, 1 for data); never a traceback. EDGE_AGENT_DEB
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -398,8 +399,12 @@ def run(
     from edge_agent.daemon import run as run_daemon
 
     # systemd's watchdog (and TimeoutStopFailureMode=abort) stops a wedged agent with SIGABRT: every thread's
-    # stack then goes to stderr, the journal, and says where it hung.
-    faulthandler.enable(all_threads=True)
+    # stack then goes to stderr, the journal, and says where it hung. A stderr without a file descriptor (an
+    # embedding caller's) has nowhere to take them.
+    try:
+        faulthandler.enable(all_threads=True)
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        pass
 
     run_daemon(config, overrides or [], frames, _print_verdict if print_verdicts else None)
 
