@@ -290,7 +290,9 @@ def test_outbox_survives_a_new_publisher(mosquitto, make_publisher, tmp_path):
 def test_triggers_accepted_and_rejected(mosquitto, make_publisher, protocol):
     got = []
     pub = make_publisher(mosquitto.port, protocol, on_trigger=got.append, config={"trigger_rate_per_s": 2.0})
-    assert pub.wait_connected(TIMEOUT_S)
+    # `online` follows the SUBACK of the trigger subscription, as a PLC waits for it; CONNACK alone raced it
+    # (a CI run lost all three triggers to the broker: nobody was subscribed yet).
+    assert pub.online.wait(TIMEOUT_S)
     sub = Subscriber(mosquitto.port, TOPICS.trigger_response, protocol)
     plc = sub.client
     plc.publish(TOPICS.trigger, b'{"part_id": "A1", "recipe": "r7"}', qos=1)
@@ -313,7 +315,7 @@ def test_a_trigger_the_pipeline_refuses_is_a_counted_rejection_without_traceback
 
     metrics = RecordingMetrics()
     pub = make_publisher(mosquitto.port, on_trigger=refuse, metrics=metrics)
-    assert pub.wait_connected(TIMEOUT_S)
+    assert pub.online.wait(TIMEOUT_S)  # the trigger subscription is active (see test_triggers_accepted_and_rejected)
     sub = Subscriber(mosquitto.port, TOPICS.trigger_response)
     sub.client.publish(TOPICS.trigger, b'{"part_id": "A1"}', qos=1)
     (reply,) = [json.loads(m.payload) for m in sub.wait_for(1)]
