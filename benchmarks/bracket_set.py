@@ -127,7 +127,7 @@ def _bracket(rng: np.random.Generator, size: int, defect: str | None) -> tuple[n
     return img.astype(np.float32), mask
 
 
-def _on_plate(rng: np.random.Generator, img: np.ndarray, kind: str, size: int) -> np.ndarray:
+def _on_plate(rng: np.random.Generator, img: np.ndarray, kind: str) -> np.ndarray:
     """photo_set's drawer for `kind`, placed on the plate (not on the belt or in a hole)."""
     plate = img > 0.45
     plate = cv2.erode(plate.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
@@ -143,7 +143,7 @@ def make_bracket(seed: int, defect: str | None = None, size: int = synth.SIZE, w
     defect = synth._pick_defect(rng, defect, BRACKET_DEFECTS)
     img, mask = _bracket(rng, size, defect)
     if defect in photo_set.PHOTO_DEFECTS:
-        mask = _on_plate(rng, img, defect, size)
+        mask = _on_plate(rng, img, defect)
     return synth._as_part(img, mask, defect)
 
 

@@ -58,6 +58,12 @@ def mahalanobis2(z: np.ndarray, mean: np.ndarray, precision: np.ndarray) -> np.n
     return np.einsum("ci,cij,cj->c", d, precision, d)
 
 
+def encoder_codes(module: torch.nn.Module, patches: torch.Tensor) -> np.ndarray:
+    """(N, C, P, P) patches -> (N, dims) float64: the encoder's mu_z, flattened (a conv latent's cells too)."""
+    return torch.cat([module.encode(patches[s : s + 256])[0].flatten(1)
+                      for s in range(0, patches.shape[0], 256)]).double().numpy()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path)
@@ -73,8 +79,7 @@ def main() -> None:
     module = artifact.load(a.model)[0].eval()
 
     def latents(patches: torch.Tensor) -> np.ndarray:
-        return torch.cat([module.encode(patches[s : s + 256])[0].flatten(1)
-                          for s in range(0, patches.shape[0], 256)]).double().numpy()
+        return encoder_codes(module, patches)
 
     def run(path: Path) -> tuple[float, np.ndarray]:
         grid, patches = scorer.patches(read_image(path))

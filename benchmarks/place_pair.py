@@ -24,7 +24,7 @@ from edge_agent.evaluation import recall_at_frr, roc_auc
 from edge_agent.images import list_images, read_image
 from edge_agent.scoring import Scorer
 
-from place_latent import gaussians, mahalanobis2
+from place_latent import encoder_codes, gaussians, mahalanobis2
 
 
 def main() -> None:
@@ -43,8 +43,7 @@ def main() -> None:
     encoder = artifact.load(a.first)[0].eval()
 
     def latents(patches: torch.Tensor) -> np.ndarray:
-        return torch.cat([encoder.encode(patches[s : s + 256])[0].flatten(1)
-                          for s in range(0, patches.shape[0], 256)]).double().numpy()
+        return encoder_codes(encoder, patches)
 
     train = np.stack([latents(first.patches(read_image(f))[1]) for f in list_images(a.data / "train/good")[:a.fit]])
     mean, precision = gaussians(train, a.shrink)

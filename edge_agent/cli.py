@@ -6,7 +6,6 @@ configuration and model problems, 1 for data); never a traceback. EDGE_AGENT_DEB
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -403,7 +402,7 @@ def run(
     # embedding caller's) has nowhere to take them.
     try:
         faulthandler.enable(all_threads=True)
-    except (AttributeError, ValueError, io.UnsupportedOperation):
+    except (AttributeError, ValueError):  # no fileno (io.UnsupportedOperation is a ValueError)
         pass
 
     run_daemon(config, overrides or [], frames, _print_verdict if print_verdicts else None)
