@@ -109,38 +109,62 @@ def verify(path: Path | str) -> dict[str, Any]:
     return verify_bytes(path, read_bytes(path))
 
 
+def _extras(path: Path, data: bytes) -> dict[str, bytes]:
+    """The archive's extra entries other than the card (e.g. anomaly_map's place.npz), by name; the checksum
+    (verify_bytes) covers them."""
+    zf, _ = _read_zip(path, data)
+    with zf:
+        out = {}
+        for name in zf.namelist():
+            rel = _relname(name)
+            if rel.startswith("extra/") and rel != f"extra/{CARD_NAME}":
+                out[rel.removeprefix("extra/")] = zf.read(name)
+        return out
+
+
 def load(path: Path | str, map_location: str = "cpu"):
     """Read the file once, verify those bytes, load the same bytes: (TorchScript module in eval mode, card)."""
+    module, card, _ = load_with_extras(path, map_location)
+    return module, card
+
+
+def load_with_extras(path: Path | str, map_location: str = "cpu"):
+    """As load, and the archive's extra entries: (module, card, {name: bytes})."""
     import torch
 
     path = Path(path)
     data = read_bytes(path)
     card = verify_bytes(path, data)
+    extras = _extras(path, data)
     try:
         module = torch.jit.load(io.BytesIO(data), map_location=map_location)
     except Exception as e:  # torch raises RuntimeError subclasses with multi-line text
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{path} passed its checksum but torch cannot load it: {first}") from None
     module.eval()
-    return module, card
+    return module, card, extras
 
 
-def _save_bytes(module, card: dict[str, Any]) -> bytes:
+def _save_bytes(module, card: dict[str, Any], extras: dict[str, bytes]) -> bytes:
     import torch
 
     buf = io.BytesIO()
-    torch.jit.save(module, buf, _extra_files={CARD_NAME: json.dumps(card, indent=2, sort_keys=True)})
+    torch.jit.save(module, buf, _extra_files={**extras, CARD_NAME: json.dumps(card, indent=2, sort_keys=True)})
     return buf.getvalue()
 
 
-def save(module, card: dict[str, Any], path: Path | str) -> dict[str, Any]:
-    """Write module + card atomically (temp file, fsync, rename); returns the card with its checksum."""
+def save(module, card: dict[str, Any], path: Path | str, extras: dict[str, bytes] | None = None) -> dict[str, Any]:
+    """Write module + card (+ extra archive entries, e.g. the place statistics) atomically (temp file, fsync,
+    rename); returns the card with its checksum, which covers the extras too."""
     card = copy.deepcopy(card)
     card["format"] = FORMAT
     card.pop("checksum", None)
-    with zipfile.ZipFile(io.BytesIO(_save_bytes(module, card))) as zf:
+    extras = dict(extras or {})
+    if CARD_NAME in extras:
+        raise ValueError(f"{CARD_NAME} is the card's own entry")
+    with zipfile.ZipFile(io.BytesIO(_save_bytes(module, card, extras))) as zf:
         card["checksum"] = _digest(zf, card)
-    data = _save_bytes(module, card)
+    data = _save_bytes(module, card, extras)
     write_atomic(Path(path), data)
     return card
 
@@ -184,7 +208,13 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def update_card(path: Path | str, change) -> dict[str, Any]:
-    """Load, apply change(card) -> card, and rewrite atomically with a new checksum. Returns the new card."""
-    module, card = load(path)
-    return save(module, change(copy.deepcopy(card)), path)
+def update_card(path: Path | str, change, extras: dict[str, bytes | None] | None = None) -> dict[str, Any]:
+    """Load, apply change(card) -> card, and rewrite atomically with a new checksum; the archive's extra entries
+    are kept, those in `extras` replaced (None: removed). Returns the new card."""
+    module, card, kept = load_with_extras(path)
+    for name, data in (extras or {}).items():
+        if data is None:
+            kept.pop(name, None)
+        else:
+            kept[name] = data
+    return save(module, change(copy.deepcopy(card)), path, kept)
