@@ -215,6 +215,125 @@ class LowSide:
         return torch.where(raw < self.reference, low, torch.full_like(low, -math.inf))
 
 
+PLACE_ENTRY = "place.npz"  # the archive entry (artifact extras) that holds PlaceStats' arrays
+PLACE_MIN_GAIN_NATS = 5.0  # below this the places do not differ (a texture) and the place score is left out
+
+
+@dataclass(frozen=True)
+class PlaceStats:
+    """What the model's code (VAE mu_z, AE encoder output) of a good patch looks like at each place of the grid.
+
+    A patch model judges each patch alone, so a plain patch where a hole or a marking should be scores like any
+    plain patch. On a fixtured part each grid cell always shows the same piece of the part: one Gaussian of the
+    code per cell (PaDiM, Defard et al. 2021, with the model's own encoder instead of pretrained features),
+    fitted on the training images, scores a patch by its Mahalanobis distance at its place. The head takes
+    weight x that distance where it exceeds the map's patch score; `weight` puts it on the map's scale (the
+    median image maximum of the map over the median of the distance's, on held-out good images).
+
+    mean (cells, D); chol (cells, D, D) lower-triangular with precision = chol @ chol.T, so the squared distance
+    is |(z - mean) @ chol|^2. The covariance is shrunk towards its average variance (shrink x trace / D on the
+    diagonal) so that fewer images than dimensions still give a usable precision.
+    """
+
+    mean: np.ndarray
+    chol: np.ndarray
+    weight: float
+    images: int
+    shrink: float
+    gain_nats: float
+
+    @staticmethod
+    def fit(codes: np.ndarray, shrink: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+        """codes (images, cells, D) -> per-cell mean (cells, D) and Cholesky factor of the precision (cells, D, D)."""
+        codes = np.asarray(codes, dtype=np.float64)
+        n, _, dims = codes.shape
+        mean = codes.mean(0)
+        d = codes - mean
+        cov = np.einsum("ncd,nce->cde", d, d) / max(n - 1, 1)
+        ridge = shrink * np.trace(cov, axis1=1, axis2=2) / dims
+        cov = cov + (np.maximum(ridge, 1e-12)[:, None, None] * np.eye(dims))
+        return mean, np.linalg.cholesky(np.linalg.inv(cov))
+
+    @staticmethod
+    def distances(codes: np.ndarray, mean: np.ndarray, chol: np.ndarray) -> np.ndarray:
+        """codes (..., cells, D) -> (..., cells) Mahalanobis distances at each place (numpy, float64)."""
+        return np.sqrt((np.einsum("...cd,cde->...ce", np.asarray(codes, np.float64) - mean, chol) ** 2).sum(-1))
+
+    @staticmethod
+    def gain(train: np.ndarray, held: np.ndarray, mean: np.ndarray, chol: np.ndarray, shrink: float) -> float:
+        """How many nats of log-likelihood a held-out good code gains, on average, from its place's Gaussian over
+        one Gaussian of every place's codes pooled. Tens of nats on a fixtured part; about 0 (or below: each
+        place's Gaussian has fewer codes behind it) where places do not differ, as on a texture."""
+        pooled_mean, pooled_chol = PlaceStats.fit(train.reshape(-1, 1, train.shape[-1]), shrink)
+        log_place = np.log(np.abs(np.diagonal(chol, axis1=1, axis2=2))).sum(1) - 0.5 * PlaceStats.distances(held, mean, chol) ** 2
+        log_pooled = (np.log(np.abs(np.diagonal(pooled_chol[0]))).sum()
+                      - 0.5 * PlaceStats.distances(held[..., None, :], pooled_mean, pooled_chol)[..., 0] ** 2)
+        return float(np.mean(log_place - log_pooled))
+
+    @property
+    def cells(self) -> int:
+        return int(self.mean.shape[0])
+
+    @property
+    def dims(self) -> int:
+        return int(self.mean.shape[1])
+
+    def card(self) -> dict[str, Any]:
+        return {"entry": PLACE_ENTRY, "cells": self.cells, "dims": self.dims, "images": self.images,
+                "shrink": self.shrink, "weight": self.weight, "gain_nats": round(self.gain_nats, 3),
+                "rule": "patch score = max(map score, weight x Mahalanobis distance of the patch's code from the "
+                        "Gaussian of good codes at its place); the Gaussians (one per patch of the grid) are fitted "
+                        "on the training images and kept in the archive entry"}
+
+    def blob(self) -> bytes:
+        """The arrays as an .npz (the Cholesky factors as their lower triangles: half the bytes)."""
+        rows, cols = np.tril_indices(self.dims)
+        buf = io.BytesIO()
+        np.savez(buf, mean=self.mean.astype(np.float32), chol=self.chol[:, rows, cols].astype(np.float32))
+        return buf.getvalue()
+
+    @staticmethod
+    def from_card(record: dict[str, Any], extras: dict[str, bytes]) -> PlaceStats:
+        data = extras.get(str(record.get("entry")))
+        if data is None:
+            raise ModelError(f"the model card's place score needs the archive entry {record.get('entry')!r}, which the "
+                             "file lacks; retrain the model")
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                mean, tri = z["mean"], z["chol"]
+            cells, dims = int(record["cells"]), int(record["dims"])
+            chol = np.zeros((cells, dims, dims), np.float32)
+            rows, cols = np.tril_indices(dims)
+            chol[:, rows, cols] = tri
+            place = PlaceStats(mean.reshape(cells, dims), chol, float(record["weight"]), int(record.get("images", 0)),
+                               float(record.get("shrink", 0.0)), float(record.get("gain_nats", math.nan)))
+        except (KeyError, TypeError, ValueError, OSError) as e:
+            raise ModelError(f"the model card's place statistics are unreadable ({e}); retrain the model") from None
+        if not (np.isfinite(place.mean).all() and np.isfinite(place.chol).all() and math.isfinite(place.weight)
+                and place.weight > 0):
+            raise ModelError("the model card's place statistics are malformed; retrain the model")
+        return place
+
+    def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.from_numpy(self.mean).float().to(device), torch.from_numpy(self.chol).float().to(device))
+
+    def scores(self, codes: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """(N, D) codes of one frame's patches (grid order) -> (N,) weight x distance at each place, float32."""
+        if codes.shape != (self.cells, self.dims):
+            raise ModelError(f"the frame gives {codes.shape[0]} patch codes of {codes.shape[-1]} values but the place "
+                             f"statistics hold {self.cells} places of {self.dims}: score frames of the size the model "
+                             "was trained on")
+        key = ("place", codes.device)
+        stats = cache.get(key) if cache is not None else None
+        if stats is None:
+            stats = self.tensors(codes.device)
+            if cache is not None:
+                cache[key] = stats
+        mean, chol = stats
+        white = torch.bmm((codes.float() - mean).unsqueeze(1), chol).squeeze(1)
+        return self.weight * white.pow(2).sum(1).sqrt()
+
+
 @dataclass(frozen=True)
 class MapHead:
     """The card's `anomaly_map`: pixel maps -> fold mean -> blur -> (minus place mean) / place spread -> window max,
@@ -223,23 +342,33 @@ class MapHead:
     sigma_px: float
     position: PositionStats | None = None
     low: LowSide | None = None
+    place: PlaceStats | None = None
 
     @staticmethod
-    def from_card(card: dict[str, Any]) -> MapHead | None:
+    def from_card(card: dict[str, Any], extras: dict[str, bytes] | None = None) -> MapHead | None:
+        """The card's head; extras: the archive's extra entries (artifact.load_extras), needed by a place score."""
         record = card.get("anomaly_map")
         if not record:
             return None
-        position, low = record.get("position"), record.get("low")
+        position, low, place = record.get("position"), record.get("low"), record.get("place")
         return MapHead(float(record.get("blur_sigma_px", 0.0)), PositionStats.from_card(position) if position else None,
-                       LowSide.from_card(low) if low else None)
+                       LowSide.from_card(low) if low else None,
+                       PlaceStats.from_card(place, extras or {}) if place else None)
 
     def card(self) -> dict[str, Any]:
         return {"source": "pixel_map", "fold": "mean over overlapping patches", "blur_sigma_px": self.sigma_px,
                 "position": self.position.card() if self.position else None,
                 "low": self.low.card() if self.low else None,
+                "place": self.place.card() if self.place else None,
                 "patch_score": "max of the map inside the patch" + (
                     ", the map normalized by the good parts' median and spread at each place" if self.position else "")
+                + (", or the place score where larger (the patch's code against good codes at its place)"
+                   if self.place else "")
                 + (", or the low side's score where larger (texture loss)" if self.low else "")}
+
+    def extras(self) -> dict[str, bytes]:
+        """The archive entries this head needs next to the card."""
+        return {PLACE_ENTRY: self.place.blob()} if self.place else {}
 
     def smoothed(self, grid: PatchGrid, pixel_maps: torch.Tensor) -> torch.Tensor:
         """(N, P, P) -> (H, W): the fold mean, blurred; what PositionStats.fit takes."""
@@ -257,12 +386,19 @@ class MapHead:
         mean, spread = stats
         return (smooth - mean) / spread
 
-    def patch_scores(self, grid: PatchGrid, pixel_maps: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-        """(N, P, P) pixel maps of one frame -> (N,) patch scores."""
-        scores = self.scores_of_smoothed(grid, self.smoothed(grid, pixel_maps), cache)
+    def patch_scores(self, grid: PatchGrid, pixel_maps: torch.Tensor, cache: dict | None = None,
+                     codes: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, P, P) pixel maps of one frame (and with a place score its (N, D) codes) -> (N,) patch scores."""
+        scores = self.scores_of_smoothed(grid, self.smoothed(grid, pixel_maps), cache, codes)
         return scores if self.low is None else torch.maximum(scores, self.low.scores(pixel_maps).to(scores.device))
 
-    def scores_of_smoothed(self, grid: PatchGrid, smooth: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    def scores_of_smoothed(self, grid: PatchGrid, smooth: torch.Tensor, cache: dict | None = None,
+                           codes: torch.Tensor | None = None) -> torch.Tensor:
         """(H, W) smoothed map (from `smoothed`) -> (N,) patch scores without the low side: what train uses once
         the statistics exist."""
-        return window_max(grid, self.normalized(smooth, cache))
+        scores = window_max(grid, self.normalized(smooth, cache))
+        if self.place is None:
+            return scores
+        if codes is None:
+            raise ValueError("this head has a place score: give the frame's patch codes")
+        return torch.maximum(scores, self.place.scores(codes.to(scores.device), cache))

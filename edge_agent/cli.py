@@ -110,6 +110,10 @@ def train(
     texture_loss: Annotated[bool, typer.Option(help="The anomaly-map score also flags a patch the model explains "
                                                     "far better than any held-out good patch (a smear, a polished "
                                                     "or blurred spot).")] = True,
+    place_score: Annotated[bool, typer.Option(help="vae/ae: also score each patch's code against good codes at its "
+                                                   "place (a Gaussian per grid cell, fitted on the training images); "
+                                                   "kept only when held-out images show that places differ "
+                                                   "(fixtured parts, not textures).")] = True,
     target_frr: Annotated[float, typer.Option(help="False-reject rate the initial threshold aims at.")] = 0.01,
     beta_nll: Annotated[float, typer.Option(help="VAE: weight each pixel's NLL by sigma_x^(2 beta) in training "
                                                  "(beta-NLL; 0 = the plain ELBO).")] = 0.0,
@@ -155,7 +159,8 @@ def train(
                         search_lr=search_lr, latent_search=latent_search, threshold_images=threshold_images,
                         steps=steps, min_steps=min_steps, holdout=holdout, lr_schedule=lr_schedule,
                         early_stop=early_stop, anomaly_map=anomaly_map, blur_sigma=blur_sigma,
-                        position_stats=position_stats, texture_loss=texture_loss, target_frr=target_frr,
+                        position_stats=position_stats, texture_loss=texture_loss, place_score=place_score,
+                        target_frr=target_frr,
                         beta_nll=beta_nll, latent=latent)
     card = fit(data_dir, out, opts)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 wrote the file and reports it

@@ -15,12 +15,13 @@ evaluate and bench cannot tell it from a single model. It costs every member's s
 """
 
 # No `from __future__ import annotations`: TorchScript reads Ensemble's class annotations as types.
+import dataclasses
 import datetime as dt
 import math
 import platform
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from torch import nn
 
 import edge_agent
 from edge_agent import artifact, calibrate
-from edge_agent.anomaly_map import LowSide, MapHead, fold_mean, window_max
+from edge_agent.anomaly_map import LowSide, MapHead, PlaceStats, fold_mean, window_max
 from edge_agent.errors import ConfigError, DataError, ModelError
 from edge_agent.evaluation import ImageResult, blank_frame_scores
 from edge_agent.images import file_hashes, fingerprint, fitted_files, list_images, read_image
@@ -72,6 +73,25 @@ class Ensemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(x, self.default_score)
+
+
+class EnsembleWithCode(Ensemble):
+    """An Ensemble whose first member has a place score (anomaly_map.PlaceStats): the combination keeps it, so it
+    also gives that member's patch code, from the same forward pass as the maps."""
+
+    @torch.jit.export
+    def latent_code(self, x: torch.Tensor) -> torch.Tensor:
+        return self.members[0].latent_code(x)
+
+    @torch.jit.export
+    def pixel_map_code(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(max over members of scale_k * pixel_map_k(x), the first member's code)."""
+        first, code = self.members[0].pixel_map_code(x)
+        out = first.float() * self.scales[0]
+        for k, member in enumerate(self.members):
+            if k > 0:
+                out = torch.maximum(out, member.pixel_map(x).float() * self.scales[k])
+        return out, code
 
 
 def _geometry(card: dict[str, Any]) -> tuple:
@@ -193,7 +213,13 @@ def combine(paths: list[Path], out: Path, good: Path | None = None, scale_images
     raw_names = {c["anomaly_map"]["name"].removesuffix("_map") for c in cards}  # m_map -> m
     raw = raw_names.pop() if len(raw_names) == 1 else "map_sum"
     head_name = f"{raw}_map"
-    module = torch.jit.script(Ensemble([m for m, _ in members], scales, raw))
+    # The first member's place score (its code's Gaussians at each place) is kept; its weight is refitted on the
+    # combined map's scale with the threshold images (set_threshold).
+    place = MapHead.from_card(cards[0], artifact.load_with_extras(paths[0])[2]).place
+    if place is not None and not hasattr(members[0][0], "pixel_map_code"):
+        place = None
+    ensemble = EnsembleWithCode if place is not None else Ensemble
+    module = torch.jit.script(ensemble([m for m, _ in members], scales, raw))
 
     scores: dict[str, Any] = {"names": [raw, head_name], "default": head_name, "pixel_map": True,
                               "higher_is_anomalous": True}
@@ -228,17 +254,19 @@ def combine(paths: list[Path], out: Path, good: Path | None = None, scale_images
             "holdout": {"images": len(threshold_files), "image_hashes": file_hashes(threshold_files),
                         "rule": "the good images not used for the scales (every other one)"},
         },
-        "anomaly_map": {**MapHead(0.0).card(), "name": head_name},
+        "anomaly_map": {**MapHead(0.0, place=place).card(), "name": head_name},
         "versions": {"edge_agent": edge_agent.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
     }
-    artifact.save(module, card, out)
+    artifact.save(module, card, out, MapHead(0.0, place=place).extras())
     return set_threshold(out, threshold_files, target_frr, confidence, progress, texture_loss)
 
 
 def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: float,
                   progress: bool = True, texture_loss: bool = True) -> dict[str, Any]:
-    """Every score's threshold by the good-only FRR method on `files`, written into the card."""
+    """Every score's threshold by the good-only FRR method on `files`, written into the card; with a place score
+    (the first member's) its weight is refitted here first: median image maximum of the combined map over that
+    of the place distance, as train sets it."""
     from edge_agent.scoring import Scorer
     from edge_agent.train.fit import quantiles
 
@@ -248,16 +276,30 @@ def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: 
     blanks = blank_frame_scores(scorer, scorer.card["scores"]["names"])
     raw = scorer.card["scores"]["names"][0]
     images: list[ImageResult] = []
+    distances: list[np.ndarray] = []  # the place score's distances (weight 1) of each image's patches
+    plain = MapHead(0.0)
+    place = scorer.head.place
     t0 = time.monotonic()
     with Progress(len(files), "threshold", enabled=progress) as bar:
         for f in files:
             grid, patches = scorer.patches(read_image(f))
-            maps = scorer.pixel_maps(patches)
+            maps, codes = scorer.pixel_maps_codes(patches)
             with torch.inference_mode():
                 values = {raw: maps.flatten(1).sum(1).cpu().numpy(),
-                          scorer.head_name: scorer.head.patch_scores(grid, maps).cpu().numpy()}
+                          scorer.head_name: plain.patch_scores(grid, maps).cpu().numpy()}
+                if place is not None:
+                    distances.append((place.scores(codes) / place.weight).cpu().numpy())
             images.append(ImageResult(f, grid, values, scorer.counted(grid)))
             bar.update(1)
+    if place is not None:
+        weight = float(np.median([i.image_score(scorer.head_name) for i in images]) /
+                       np.median([d.max() for d in distances]))
+        if not (math.isfinite(weight) and weight > 0):
+            raise ModelError(f"the place score of {scorer.card['architecture']['members'][0]['file']} cannot be put on "
+                             f"the combined map's scale (weight {weight:g}); retrain that member")
+        place = dataclasses.replace(place, weight=weight)
+        for image, d in zip(images, distances):
+            image.scores[scorer.head_name] = np.maximum(image.scores[scorer.head_name], weight * d)
     # The low side (texture loss, anomaly_map.LowSide) from the same images, as train fits a single model's.
     low = LowSide.fit([torch.from_numpy(i.scores[raw]) for i in images],
                       [i.image_score(scorer.head_name) for i in images]) if texture_loss else None
@@ -272,7 +314,7 @@ def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: 
     hashes = file_hashes(files)
 
     def change(card: dict[str, Any]) -> dict[str, Any]:
-        card["anomaly_map"] = {**card["anomaly_map"], **MapHead(0.0, None, low).card()}
+        card["anomaly_map"] = {**card["anomaly_map"], **MapHead(0.0, None, low, place).card()}
         for k, values in results.items():
             good = np.array(values, dtype=np.float64)
             entry = calibrate.choose(good, None, "frr", target_frr, None, confidence, blanks.get(k))
@@ -285,4 +327,4 @@ def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: 
             card["thresholds"][k] = entry
         return card
 
-    return artifact.update_card(path, change)
+    return artifact.update_card(path, change, extras=MapHead(0.0, place=place).extras())

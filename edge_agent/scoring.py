@@ -155,8 +155,28 @@ class _PixelMap(torch.nn.Module):
         return self.module.pixel_map(x)
 
 
-def optimise(module: torch.jit.ScriptModule, name: str | None, channels_last: bool = True, mkldnn: bool = False):
-    """The loaded module's score `name` (None: its pixel_map) as a frozen TorchScript function of x (N, C, P, P).
+def pack_map_code(pixel_map: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """(N, P, P) map and (N, D) code -> one (N, P*P + D) float32 tensor: one output for the fast path and CUDA graphs."""
+    return torch.cat([pixel_map.float().flatten(1), code.float()], 1)
+
+
+class _PixelMapCode(torch.nn.Module):
+    """forward(x) = pack_map_code(*module.pixel_map_code(x)): the map and the patch's code from one pass, for a
+    head with a place score."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pixel_map, code = self.module.pixel_map_code(x)
+        return torch.cat([pixel_map.float().flatten(1), code.float()], 1)
+
+
+def optimise(module: torch.jit.ScriptModule, name: str | None, channels_last: bool = True, mkldnn: bool = False,
+             with_code: bool = False):
+    """The loaded module's score `name` (None: its pixel_map; with_code: map and code packed, pack_map_code) as a
+    frozen TorchScript function of x (N, C, P, P).
 
     Freezing inlines the weights and folds conv + BatchNorm. mkldnn: also optimize_for_inference (oneDNN
     prepacked fp32 convolutions in oneDNN's blocked layout). Off by default: with channels-last aten
@@ -164,7 +184,7 @@ def optimise(module: torch.jit.ScriptModule, name: str | None, channels_last: bo
     the output layer, to_dense around the sub-pixel shuffle) cost more than the prepacking saves, in fp32
     and far more in bf16 (PERFORMANCE.md). The caller checks the result against the module itself.
     """
-    chosen = _PixelMap(module) if name is None else _ChosenScore(module, name)
+    chosen = (_PixelMapCode(module) if with_code else _PixelMap(module)) if name is None else _ChosenScore(module, name)
     wrapper = torch.jit.script(chosen).eval()
     if channels_last:
         wrapper = wrapper.to(memory_format=torch.channels_last)
@@ -217,12 +237,16 @@ class Scorer:
         self.dtype = pick_dtype(precision, self.device)
         if self.device.type == "cuda":
             gpu.set_tf32_policy(self.dtype)
-        module, card = artifact.load(self.path, map_location=str(self.device))
+        module, card, extras = artifact.load_with_extras(self.path, map_location=str(self.device))
         self.card: dict[str, Any] = card
         names = card["scores"]["names"]
         # The anomaly-map head (anomaly_map.py) adds a score computed from the model's pixel map; others are raw.
-        self.head = MapHead.from_card(card)
+        self.head = MapHead.from_card(card, extras)
         self.head_name: str | None = card["anomaly_map"]["name"] if self.head is not None else None
+        # A place score (anomaly_map.PlaceStats) needs each patch's code from the same forward pass as its map.
+        self.with_code = self.head is not None and self.head.place is not None
+        if self.with_code and not hasattr(module, "pixel_map_code"):
+            raise ModelError(f"{self.path} has a place score but its module has no pixel_map_code; retrain the model")
         self._head_cache: dict = {}
         self.score_name = score_name or card["scores"]["default"]
         if self.score_name not in names:
@@ -323,7 +347,8 @@ class Scorer:
         """Freeze the chosen score; keep it only if it scores like the module itself (else log and stay eager)."""
         probe = torch.rand(4, self.channels, self.patch_size, self.patch_size)
         try:
-            fast = optimise(self.module, None if self.uses_map() else self.score_name, self.channels_last, self.mkldnn)
+            fast = optimise(self.module, None if self.uses_map() else self.score_name, self.channels_last, self.mkldnn,
+                            self.with_code and self.uses_map())
             with torch.inference_mode():
                 x = self._layout(probe.to(self.device))
                 want = self._module_fn(self.score_name)(x).float()
@@ -337,7 +362,12 @@ class Scorer:
             # A pixel map in bf16/fp16 differs pixel by pixel with the order of rounding (measured: up to 5 % of the
             # largest pixel between the frozen and the eager module, both equally close to fp32); the head
             # averages it over the overlapping patches. A broken freeze still shows in the per-patch means.
-            got, want = got.flatten(1).mean(1), want.flatten(1).mean(1)
+            if self.with_code:  # the code is compared as it is, the map by its per-patch means
+                (got_map, got_code), (want_map, want_code) = self._unpack(got), self._unpack(want)
+                got = torch.cat([got_map.flatten(1).mean(1, keepdim=True), got_code], 1)
+                want = torch.cat([want_map.flatten(1).mean(1, keepdim=True), want_code], 1)
+            else:
+                got, want = got.flatten(1).mean(1), want.flatten(1).mean(1)
         finite = want[torch.isfinite(want)]  # a broken model's NaN scores are for the verdict to report, not here
         scale = float(finite.abs().max().clamp(min=1.0)) if finite.numel() else 1.0
         if not torch.allclose(got, want, rtol=tol, atol=tol * scale, equal_nan=True):
@@ -346,7 +376,9 @@ class Scorer:
             return
         self.fast = fast
         if self.device.type == "cuda":
-            out_item = (self.patch_size, self.patch_size) if self.uses_map() else ()
+            out_item: tuple[int, ...] = (self.patch_size, self.patch_size) if self.uses_map() else ()
+            if self.uses_map() and self.with_code:
+                out_item = (self.patch_size**2 + self.head.place.dims,)
             self._cuda = gpu.CudaRunner(fast, self.batch_size, (self.channels, self.patch_size, self.patch_size),
                                         self.dtype, self.channels_last, cuda_graphs, out_item)
 
@@ -357,8 +389,17 @@ class Scorer:
     def _module_fn(self, name: str):
         """The module's own function behind score `name`: its pixel_map for the head's score, else score()."""
         if self.uses_map(name):
+            if self.with_code:
+                return lambda x: pack_map_code(*self.module.pixel_map_code(x))
             return self.module.pixel_map
         return lambda x: self.module.score(x, name)
+
+    def _unpack(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The head's forward output -> ((N, P, P) maps, (N, D) codes or None without a place score)."""
+        if not self.with_code:
+            return out, None
+        p2 = self.patch_size**2
+        return out[:, :p2].reshape(-1, self.patch_size, self.patch_size), out[:, p2:]
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -394,6 +435,8 @@ class Scorer:
                 x = self._layout(patches[start:end].to(self.device, non_blocking=True))
                 out.append(run(x).float())
         if not out:
+            if self.uses_map(name) and self.with_code:
+                return torch.zeros((0, self.patch_size**2 + self.head.place.dims))
             return torch.zeros((0, self.patch_size, self.patch_size) if self.uses_map(name) else 0)
         return torch.cat(out)
 
@@ -410,9 +453,9 @@ class Scorer:
         name = name or self.score_name
         if not self.uses_map(name):
             return self.score_patches(patches, name)
-        maps = self._run(patches, name)
+        maps, codes = self._unpack(self._run(patches, name).to(self.device))
         with torch.inference_mode():
-            return self.head.patch_scores(grid, maps.to(self.device), self._head_cache).cpu().numpy()
+            return self.head.patch_scores(grid, maps, self._head_cache, codes).cpu().numpy()
 
     def score_frames(self, frames: list[tuple[PatchGrid, torch.Tensor]]) -> list[np.ndarray]:
         """Several frames' patches (each (N_i, C, P, P), grid.extract order) through the same batched forward
@@ -425,14 +468,29 @@ class Scorer:
         if not self.uses_map(self.score_name):
             return [part.cpu().numpy() for part in parts]
         with torch.inference_mode():
-            return [self.head.patch_scores(grid, part.to(self.device), self._head_cache).cpu().numpy()
-                    for (grid, _), part in zip(frames, parts)]
+            scored = []
+            for (grid, _), part in zip(frames, parts):
+                maps, codes = self._unpack(part.to(self.device))
+                scored.append(self.head.patch_scores(grid, maps, self._head_cache, codes).cpu().numpy())
+            return scored
 
     def pixel_maps(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, C, P, P) -> (N, P, P) float32 on the device: the model's per-pixel map (for fitting the head)."""
+        return self.pixel_maps_codes(patches)[0]
+
+    def pixel_maps_codes(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, C, P, P) -> the (N, P, P) pixel maps and, with a place score, the (N, D) codes (else None)."""
         if self.head is None:
             raise ValueError(f"{self.path.name} has no anomaly-map score")
-        return self._run(patches, self.head_name)
+        return self._unpack(self._run(patches, self.head_name))
+
+    def codes(self, patches: torch.Tensor) -> torch.Tensor:
+        """(N, C, P, P) -> (N, D) float32 on the CPU: each patch's code (module.latent_code; ScriptModule.code is its source), what PlaceStats is fitted on."""
+        out = []
+        with self._grad_mode():
+            for start, end in equal_batches(patches.shape[0], self.batch_size):
+                out.append(self.module.latent_code(self._layout(patches[start:end].to(self.device))).float().cpu())
+        return torch.cat(out)
 
     def score_frame_all(self, grid: PatchGrid, patches: torch.Tensor) -> dict[str, np.ndarray]:
         """Every score of the model for one frame: name -> (N,) float32 (the head's from a second pass)."""

@@ -85,6 +85,13 @@ class TrainOptions:
     blur_sigma: float = 0.0  # px; measured on three sets (docs/RESULTS.md): any blur buries 1-px scratches and fibres
     position_stats: bool = True  # normalize the map by what good parts show at each place (fixtured parts)
     texture_loss: bool = True  # the map score also flags patches far below every good one (anomaly_map.LowSide)
+    # The place score (anomaly_map.PlaceStats, vae/ae): a Gaussian of the patch code per grid cell, fitted on up
+    # to place_images training images; kept when held-out codes gain >= PLACE_MIN_GAIN_NATS from it.
+    place_score: bool = True
+    place_images: int = 200
+    min_place_images: int = 50
+    place_shrink: float = 0.01
+    place_min_gain: float | None = None  # nats; None: anomaly_map.PLACE_MIN_GAIN_NATS
     target_frr: float = 0.01
     confidence: float = 0.95
     extra_card: dict[str, Any] = field(default_factory=dict)
@@ -270,7 +277,13 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
         logger.warning("the good images differ in size: no position statistics (they need every frame to show the "
                        "same place at the same pixel); the anomaly map is compared with good parts globally")
         opts = dataclasses.replace(opts, position_stats=False)
-    card = set_initial_thresholds(out, held_files or files, opts, seconds, trained_on=not held_files)
+    place_files = files if opts.place_score and opts.model in ("vae", "ae") and head is not None else []
+    if place_files and len({tuple(t.shape) for t in all_images}) > 1:
+        logger.warning("the good images differ in size: no place score (it needs every frame to show the same place "
+                       "at the same pixel)")
+        place_files = []
+    card = set_initial_thresholds(out, held_files or files, opts, seconds, trained_on=not held_files,
+                                  place_files=place_files)
     distributed.barrier(world)
     distributed.finish(world)
     return card
@@ -468,18 +481,41 @@ def _fit_anogan(sampler: CropSampler, device: torch.device, total_steps: int, st
                    "batch_size": opts.batch_size, "lr": opts.lr, **info}
 
 
+def fit_place(scorer: Any, files: list[Path], opts: TrainOptions, budget_s: float) -> tuple[np.ndarray, list[Path]]:
+    """The codes (images, cells, D) of up to opts.place_images of `files` (evenly spaced), within budget_s."""
+    from edge_agent.images import read_image
+
+    if len(files) > opts.place_images:
+        files = [files[i * len(files) // opts.place_images] for i in range(opts.place_images)]
+    codes, used = [], []
+    t0 = time.monotonic()
+    with Progress(len(files), "place", enabled=opts.progress) as bar:
+        for f in files:
+            if len(used) >= opts.min_place_images and time.monotonic() - t0 > budget_s:
+                break
+            codes.append(scorer.codes(scorer.patches(read_image(f))[1]).double().numpy())
+            used.append(f)
+            bar.update(1)
+    if len(used) < len(files):
+        logger.info("place score: %d of %d training images fitted the %.0f s budget", len(used), len(files), budget_s)
+    return np.stack(codes), used
+
+
 def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, train_seconds: float,
-                           trained_on: bool = False) -> dict[str, Any]:
+                           trained_on: bool = False, place_files: list[Path] | None = None) -> dict[str, Any]:
     """The threshold a freshly trained model ships with, from good images it never saw (`files`, the
     held-out ones): the anomaly map's position statistics from every other image, then every score's
     threshold by the good-only FRR method (calibrate.py) on the rest, with the bound it achieves.
 
     trained_on: `files` are the training images (too few to hold out): the seed's max-train rule instead.
+    place_files: training images to fit the place score on (anomaly_map.PlaceStats; none: no place score); it
+    is kept when the held-out images' codes show that places differ (PlaceStats.gain).
     The phase is kept to a small share of the training time: after the first images it scores only as
-    many as fit in max(60 s, 10 % of training); the card says how many it used.
+    many as fit in max(60 s, 10 % of training) (and as much again for the place score's codes); the card
+    says how many it used.
     """
     from edge_agent import calibrate  # scoring side; imported late to keep train light
-    from edge_agent.anomaly_map import LowSide, MapHead, PositionStats
+    from edge_agent.anomaly_map import LowSide, MapHead, PlaceStats, PositionStats
     from edge_agent.evaluation import ImageResult, blank_frame_scores
     from edge_agent.images import read_image
     from edge_agent.scoring import Scorer
@@ -502,6 +538,17 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
     # Alternate: even images give the position statistics, odd ones the threshold, so a phase cut short by
     # the time budget still has both halves.
     budget_s = max(60.0, 0.1 * train_seconds)
+    place_check: dict[str, Any] | None = None
+    fit_place_score = bool(place_files) and head is not None and not trained_on
+    if place_files and not fit_place_score:
+        place_check = {"used": False, "why": "no held-out images to check it on"}
+    elif fit_place_score and len(place_files) < opts.min_place_images:
+        place_check = {"used": False, "why": f"{len(place_files)} training images; it needs >= {opts.min_place_images}"}
+        fit_place_score = False
+    train_codes, place_used, held_codes = None, [], []
+    if fit_place_score:
+        train_codes, place_used = fit_place(scorer, place_files, opts, budget_s)
+        place_mean, place_chol = PlaceStats.fit(train_codes, opts.place_shrink)
     t0 = time.monotonic()
     position_maps: list[torch.Tensor] = []
     position_files: list[Path] = []
@@ -525,6 +572,8 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
                     maps = scorer.pixel_maps(patches)
                     smooth.append(head.smoothed(grid, maps))
                     sums.append(maps.flatten(1).float().sum(1).cpu())
+                    if fit_place_score:
+                        held_codes.append(scorer.codes(patches).double().numpy())
                 grids.append(grid)
                 used.append(f)
             bar.update(1)
@@ -535,6 +584,14 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
         if head is not None:
             for k, image in enumerate(images):
                 image.scores[scorer.head_name] = head.scores_of_smoothed(image.grid, smooth[k]).numpy()
+            if fit_place_score and held_codes:
+                place, place_check = _checked_place(train_codes, np.stack(held_codes), place_mean, place_chol,
+                                                    [i.image_score(scorer.head_name) for i in images], opts)
+                if place is not None:
+                    head = dataclasses.replace(head, place=place)
+                    for k, image in enumerate(images):
+                        image.scores[scorer.head_name] = head.scores_of_smoothed(
+                            image.grid, smooth[k], codes=torch.from_numpy(held_codes[k]).float()).numpy()
             if opts.texture_loss and images:  # the low side from the map's scores without it, on the same images
                 scores = [i.image_score(scorer.head_name) for i in images]
                 head = dataclasses.replace(head, low=LowSide.fit(sums, scores))
@@ -557,6 +614,8 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
             card["anomaly_map"] = {**card["anomaly_map"], **head.card(), "name": card["anomaly_map"]["name"]}
             if head.position is not None:
                 card["anomaly_map"]["position"]["image_hashes"] = file_hashes(position_files)
+            if place_check is not None:
+                card["anomaly_map"]["place_check"] = place_check
         for name in card["scores"]["names"]:
             good = np.array(results[name], dtype=np.float64)
             method = "max-train" if trained_on else "frr"
@@ -572,7 +631,35 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
             card["thresholds"][name] = entry
         return card
 
-    return artifact.update_card(path, change)
+    return artifact.update_card(path, change, extras=head.extras() if head is not None else None)
+
+
+def _checked_place(train_codes: np.ndarray, held_codes: np.ndarray, mean: np.ndarray, chol: np.ndarray,
+                   map_image_scores: list[float], opts: TrainOptions) -> tuple[Any, dict[str, Any]]:
+    """The place score if the held-out codes say places differ (PlaceStats.gain >= PLACE_MIN_GAIN_NATS), with
+    its weight; and the check's record for the card."""
+    from edge_agent.anomaly_map import PLACE_MIN_GAIN_NATS, PlaceStats
+
+    gain = PlaceStats.gain(train_codes, held_codes, mean, chol, opts.place_shrink)
+    least = PLACE_MIN_GAIN_NATS if opts.place_min_gain is None else opts.place_min_gain
+    check: dict[str, Any] = {"gain_nats": round(gain, 3), "min_gain_nats": least,
+                             "images": int(train_codes.shape[0]), "checked_on": int(held_codes.shape[0]),
+                             "used": gain >= least}
+    if not check["used"]:
+        check["why"] = (f"held-out good codes gain {gain:.1f} nats from their place's Gaussian over a pooled one "
+                        f"(< {least:g}): the places do not differ, as on a texture")
+        logger.info("place score left out: %s", check["why"])
+        return None, check
+    place_max = float(np.median(PlaceStats.distances(held_codes, mean, chol).max(1)))
+    map_max = float(np.median(map_image_scores))
+    if not (place_max > 0 and map_max > 0 and math.isfinite(place_max) and math.isfinite(map_max)):
+        check.update(used=False, why=f"the medians of the map ({map_max:g}) and place ({place_max:g}) image scores "
+                                     "cannot put them on one scale")
+        return None, check
+    logger.info("place score: held-out good codes gain %.1f nats from their place; weight %.4g", gain, map_max / place_max)
+    place = PlaceStats(mean.astype(np.float32), chol.astype(np.float32), map_max / place_max,
+                       int(train_codes.shape[0]), opts.place_shrink, gain)
+    return place, check
 
 
 def quantiles(values: np.ndarray) -> dict[str, float]:

@@ -216,6 +216,18 @@ class VAE(nn.Module):
         mu_x, sigma_x = self.decode(mu_z)
         return (0.5 * ((mu_x - x.float()) / sigma_x).pow(2)).sum(1)
 
+    @torch.jit.export
+    def latent_code(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, Nz) float32: mu_z, the patch's code (what the place score, anomaly_map.PlaceStats, compares)."""
+        return self.encode(x)[0]
+
+    @torch.jit.export
+    def pixel_map_code(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """pixel_map and code from one forward pass."""
+        mu_z, _ = self.encode(x)
+        mu_x, sigma_x = self.decode(mu_z)
+        return (0.5 * ((mu_x - x.float()) / sigma_x).pow(2)).sum(1), mu_z
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(x, self.default_score)
 
@@ -285,6 +297,18 @@ class AE(nn.Module):
         """(N, P, P): |x - x_hat| averaged over channels."""
         x = x.float()
         return (x - self.reconstruct(x)).abs().mean(1)
+
+    @torch.jit.export
+    def latent_code(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, Nz) float32: the encoder's output, the patch's code."""
+        return self.encoder(x.float()).float()
+
+    @torch.jit.export
+    def pixel_map_code(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """pixel_map and code from one forward pass."""
+        x = x.float()
+        z = self.encoder(x)
+        return (x - torch.sigmoid(self.decoder(z).float())).abs().mean(1), z.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(x, self.default_score)
