@@ -295,7 +295,7 @@ def _per_core(scorers: dict[str, Any], patches: torch.Tensor, flops_per_patch: f
             for name, scorer in scorers.items():
                 limits[name].append(matmul_limit(torch.device("cpu"), scorer.dtype, 1, [1], time.process_time)["gflops"])
                 t0 = time.process_time()
-                scorer.score_patches(patches)
+                scorer.forward_patches(patches)  # the network alone: a map model's head needs whole frames
                 rates[name].append(patches.shape[0] * flops_per_patch / (time.process_time() - t0) / 1e9)
     finally:
         torch.set_num_threads(default)

@@ -440,6 +440,11 @@ class Scorer:
             return torch.zeros((0, self.patch_size, self.patch_size) if self.uses_map(name) else 0)
         return torch.cat(out)
 
+    def forward_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """The chosen score's network passes over (N, C, P, P) patches, without the map head: what `bench` times
+        per core (raw scores, or pixel maps and codes for the head's score)."""
+        return self._run(patches, self.score_name)
+
     def score_patches(self, patches: torch.Tensor, name: str | None = None) -> np.ndarray:
         """(N, C, P, P) float32 in [0, 1] -> (N,) float32 raw model scores; the head's score needs the grid:
         use score_frame."""

@@ -42,6 +42,19 @@ def test_bench_tiny_json(tmp_path):
     assert t["sampling_crops_per_s"] > 0
 
 
+def test_bench_runs_a_trained_model_whose_default_is_the_map_score(vae_model):
+    # A trained model's default score is the anomaly map, which needs whole frames: the per-core timing used to
+    # call score_patches on it and bench stopped with an internal error on every trained model.
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["bench", str(vae_model), "--json", "--frames", "2", "--latency-frames", "2",
+                                      "--test-frames", "2", "--repeats", "1", "--train-steps", "0"])
+    assert result.exit_code == 0, result.output
+    r = json.loads(result.stdout)
+    assert r["model"] == str(vae_model) and set(r["per_core"]["fraction_of_own_matmul"]) == {"fp32", "bf16"}
+    assert r["bf16_verdicts_identical"] in (True, False) and r["scorer_patches_per_s"]["fp32"] > 0
+
+
 def test_train_step_flops_are_three_forwards_less_the_first_input_gradient():
     from edge_agent.train.throughput import step_flops
 
