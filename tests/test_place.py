@@ -233,3 +233,30 @@ def test_combine_keeps_the_first_members_place_score_on_the_combined_scale(place
     if low is not None:
         want = np.maximum(want, low.scores(maps).numpy())
     np.testing.assert_allclose(scorer.score_frame(grid, patches), want, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_place_score_on_cuda_matches_cpu(place_models):
+    from edge_agent.scoring import Scorer
+    from edge_agent.synth import make_part
+
+    _, model = place_models["part"]
+    # 9 patches in batches of 5: the last CUDA graph batch is padded; the output packs map and code
+    cpu, cuda = Scorer(model, device="cpu"), Scorer(model, device="cuda", precision="fp32", batch_size=5)
+    assert cuda.with_code and cuda.fast is not None
+    grid, patches = cpu.patches(make_part(5, "debris", size=64).image)
+    np.testing.assert_allclose(cuda.score_frame(grid, patches), cpu.score_frame(grid, patches), rtol=1e-3, atol=1e-3)
+
+
+def test_bf16_place_score_keeps_the_fast_path_and_stays_near_fp32(place_models):
+    from edge_agent.scoring import Scorer
+    from edge_agent.synth import make_part
+
+    _, model = place_models["part"]
+    fp32, bf16 = Scorer(model, device="cpu", precision="fp32"), Scorer(model, device="cpu", precision="bf16")
+    assert bf16.fast is not None and bf16.with_code
+    for seed, defect in ((5, None), (6, "chip")):
+        image = make_part(seed, defect, size=64).image
+        a, b = fp32.score_image(image).scores.max(), bf16.score_image(image).scores.max()
+        assert abs(a - b) <= 0.05 * abs(a) + 1e-3
