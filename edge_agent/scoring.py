@@ -170,7 +170,7 @@ class _PixelMapCode(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pixel_map, code = self.module.pixel_map_code(x)
-        return torch.cat([pixel_map.float().flatten(1), code.float()], 1)
+        return pack_map_code(pixel_map, code)  # TorchScript compiles the annotated function with it
 
 
 def optimise(module: torch.jit.ScriptModule, name: str | None, channels_last: bool = True, mkldnn: bool = False,
