@@ -537,7 +537,10 @@ def test_nothing_is_unpickled():
 
 def test_models_are_checksum_verified_before_torch_reads_them():
     tree = ast.parse((ROOT / "edge_agent" / "artifact.py").read_text())
-    load = next(f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name == "load")
+    functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+    # load() returns what load_with_extras() (module, card and the archive's extra entries) read
+    assert "load_with_extras" in [ast.unparse(c.func) for c in ast.walk(functions["load"]) if isinstance(c, ast.Call)]
+    load = functions["load_with_extras"]
     calls = [ast.unparse(c.func) for c in ast.walk(load) if isinstance(c, ast.Call)]
     assert calls.index("read_bytes") < calls.index("verify_bytes") < calls.index("torch.jit.load")
     assert "path" not in ast.unparse(next(c for c in ast.walk(load) if isinstance(c, ast.Call)
