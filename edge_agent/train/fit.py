@@ -483,8 +483,6 @@ def _fit_anogan(sampler: CropSampler, device: torch.device, total_steps: int, st
 
 def fit_place(scorer: Any, files: list[Path], opts: TrainOptions, budget_s: float) -> tuple[np.ndarray, list[Path]]:
     """The codes (images, cells, D) of up to opts.place_images of `files` (evenly spaced), within budget_s."""
-    from edge_agent.images import read_image
-
     if len(files) > opts.place_images:
         files = [files[i * len(files) // opts.place_images] for i in range(opts.place_images)]
     codes, used = [], []
@@ -545,9 +543,9 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
     elif fit_place_score and len(place_files) < opts.min_place_images:
         place_check = {"used": False, "why": f"{len(place_files)} training images; it needs >= {opts.min_place_images}"}
         fit_place_score = False
-    train_codes, place_used, held_codes = None, [], []
+    train_codes, held_codes = None, []
     if fit_place_score:
-        train_codes, place_used = fit_place(scorer, place_files, opts, budget_s)
+        train_codes, _ = fit_place(scorer, place_files, opts, budget_s)
         place_mean, place_chol = PlaceStats.fit(train_codes, opts.place_shrink)
     t0 = time.monotonic()
     position_maps: list[torch.Tensor] = []
