@@ -219,6 +219,8 @@ class VideoFileSource(_OpenCvSource):
         return cv2.VideoCapture(self.cfg.uri)
 
     def _hint(self) -> str:
+        if not Path(self.cfg.uri).is_file():  # removed between the check in _create and OpenCV's open
+            return "the file was not found; fix source.uri"
         return "the file is not a video OpenCV can decode; convert it, e.g. ffmpeg -i in -c:v mjpeg out.avi"
 
     def read(self) -> np.ndarray | None:

@@ -256,6 +256,22 @@ def test_removed_file_reconnects_and_recovers(video, tmp_path, caplog):
     assert len(downs) == 1 and "not found" in downs[0]  # the outage says why, once
 
 
+def test_file_removed_between_check_and_open_says_not_found(video, tmp_path, monkeypatch):
+    # The race CI once hit: the file exists at the check in _create and is gone when OpenCV opens it.
+    cfg = SourceConfig(kind="file", uri=str(video), loop=True, **FAST)
+    source = make_source(cfg)
+    real = cv2.VideoCapture
+
+    def vanish_then_open(path):
+        video.rename(tmp_path / "gone.avi")
+        return real(path)
+
+    monkeypatch.setattr(cv2, "VideoCapture", vanish_then_open)
+    with pytest.raises(CameraError, match="not found") as err:
+        source.open()
+    assert "cannot decode" not in str(err.value)
+
+
 @pytest.mark.parametrize("phase", ["backoff", "fps_wait"])
 def test_stop_ends_thread_promptly(video, phase):
     if phase == "backoff":
