@@ -124,10 +124,19 @@ def test_cuda_graphs_checked_against_eager_and_capture_on_another_thread(vae_mod
     built = {}
     busy = threading.Event()
     done = threading.Event()
+    errors: list[BaseException] = []
 
-    def infer_thread():  # allocates on the device while the other thread captures
-        while not done.is_set():
-            torch.rand(1024, 1024, device="cuda").sum().item()
+    def infer_thread():  # allocates and computes on the device while the other thread captures
+        # No random numbers: the daemon's inference draws none, and torch refuses an RNG offset
+        # increment on another thread while a graph captures (seen on an H200: "Offset increment
+        # outside graph capture encountered unexpectedly").
+        x = torch.ones(1024, 1024, device="cuda")
+        try:
+            while not done.is_set():
+                (x * 2.0).sum().item()
+                busy.set()
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
             busy.set()
 
     t = threading.Thread(target=infer_thread)
@@ -138,6 +147,8 @@ def test_cuda_graphs_checked_against_eager_and_capture_on_another_thread(vae_mod
     finally:
         done.set()
         t.join(30)
+    assert not t.is_alive()
+    assert not errors, f"the other thread's device work failed during capture: {errors[0]!r}"
     runner = built["s"]._cuda
     assert runner is not None and runner.graphs is not None, runner.graph_fallback
     assert runner.host[0].is_pinned()
