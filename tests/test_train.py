@@ -56,6 +56,57 @@ def test_crop_sampler_crops_come_from_images():
         assert torch.all(c[:, :, 1:] - c[:, :, :-1] == 1) and torch.all(c[:, 1:, :] - c[:, :-1, :] == 50)
 
 
+def test_deferred_loss_reads_train_the_same_model_and_still_stop_divergence(station, tmp_path, monkeypatch):
+    # On a GPU the loop reads its loss every LOSS_READ_EVERY steps (no host wait per step); forced here on CPU.
+    from edge_agent.train import fit as fit_module
+
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    fit(station / "train/good", a, tiny_options(model="ae", epochs=3))
+    monkeypatch.setattr(fit_module, "loss_read_every", lambda device: 4)
+    card = fit(station / "train/good", b, tiny_options(model="ae", epochs=3))
+    wa, wb = artifact.load(a)[0].state_dict(), artifact.load(b)[0].state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert card["training"]["final_loss"] == artifact.verify(a)["training"]["final_loss"]  # every loss was read
+    assert card["training"]["steps"] % 4 != 0  # the last, partial group of losses was read too
+    with pytest.raises(DataError, match=r"training diverged at step \d+ \(loss (nan|inf)"):
+        fit(station / "train/good", tmp_path / "c.pt", tiny_options(model="ae", epochs=3, lr=1e30))
+
+
+def test_crop_sampler_stays_on_the_host_when_the_gpu_is_short_of_memory(monkeypatch, caplog):
+    imgs = [torch.rand(1, 40, 50) for _ in range(3)]
+    sampler = CropSampler(imgs, 16, seed=0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 10**9))  # 1 kB free
+    with caplog.at_level("INFO", logger="edge_agent.train.fit"):
+        sampler.to(torch.device("cuda"))
+    assert sampler.images.device.type == "cpu" and "stay in host memory" in caplog.text
+    assert sampler.to(torch.device("cpu")).images.device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_crop_sampler_on_the_gpu_cuts_the_cpu_crops():
+    imgs = [torch.rand(1, 40, 50) for _ in range(3)]
+    on_cpu = CropSampler(imgs, 16, seed=3)
+    on_gpu = CropSampler(imgs, 16, seed=3).to(torch.device("cuda"))
+    assert on_gpu.images.is_cuda
+    for _ in range(3):
+        got = on_gpu.sample(8)
+        assert got.is_cuda and torch.equal(got.cpu(), on_cpu.sample(8))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_training_on_the_gpu_reads_every_loss_and_scores_on_the_cpu(station, tmp_path):
+    from edge_agent.scoring import Scorer
+    from edge_agent.train.fit import LOSS_READ_EVERY
+
+    card = fit(station / "train/good", tmp_path / "g.pt", tiny_options(model="vae", device="cuda", epochs=3))
+    t = card["training"]
+    assert t["device"].startswith("cuda") and t["steps"] > LOSS_READ_EVERY and np.isfinite(t["final_loss"])
+    scores = Scorer(tmp_path / "g.pt", device="cpu", score_name="m").score_patches(torch.rand(4, 1, 32, 32))
+    assert torch.isfinite(torch.as_tensor(scores)).all()
+
+
 def test_empty_and_unreadable_data(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images"):

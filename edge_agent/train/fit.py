@@ -118,6 +118,21 @@ class CropSampler:
         self.same_size = len({tuple(t.shape) for t in images}) == 1
         self.images = torch.stack(images) if self.same_size else images
 
+    def to(self, device: torch.device, max_share: float = 0.25) -> "CropSampler":
+        """Keep the images on the training device and cut the crops there, so a GPU step moves no image data
+        and waits for no host-side gather (measured on an H200: the loop was host-bound). Only where they take
+        at most max_share of the device's free memory; the crops are the CPU's, for the generator stays on the
+        CPU and draws the same indices."""
+        if device.type == "cuda" and self.same_size:
+            need = self.images.numel() * self.images.element_size()
+            free, _ = torch.cuda.mem_get_info(device)
+            if need <= max_share * free:
+                self.images = self.images.to(device)
+            else:
+                logger.info("training images (%.0f MB) stay in host memory: over %.0f %% of the GPU's free %.0f MB",
+                            need / 2**20, 100 * max_share, free / 2**20)
+        return self
+
     def sample(self, n: int) -> torch.Tensor:
         p, g = self.p, self.gen
         if self.same_size:
@@ -128,7 +143,8 @@ class CropSampler:
             ar = torch.arange(p)
             rows = (ys[:, None] + ar)[:, :, None]  # (n, P, 1)
             cols = (xs[:, None] + ar)[:, None, :]  # (n, 1, P)
-            return self.images[idx[:, None, None], :, rows, cols].permute(0, 3, 1, 2).contiguous()
+            dev = self.images.device
+            return self.images[idx[:, None, None].to(dev), :, rows.to(dev), cols.to(dev)].permute(0, 3, 1, 2).contiguous()
         out = []
         for _ in range(n):
             img = self.images[int(torch.randint(len(self.images), (1,), generator=g))]
@@ -189,6 +205,7 @@ def split_holdout(n: int, fraction: float) -> tuple[list[int], list[int]]:
 GMM_DEFAULT_NH = 256  # PCA dims when --nh is not given: EM with 8 full covariances stays ~20 s on 2 cores
 MIN_HOLDOUT = 8  # fewer held-out images than this say too little about unseen parts; use the training maximum
 MIN_TRAIN = 4
+LOSS_READ_EVERY = 25  # GPU training reads its loss (a host-device wait) every this many steps
 
 
 def planned_steps(opts: TrainOptions, steps_per_epoch: int) -> tuple[int, str]:
@@ -234,6 +251,8 @@ def fit(data_dir: Path, out: Path, opts: TrainOptions) -> dict[str, Any]:
     use_bf16 = opts.model in ("vae", "ae") and (opts.precision == "bf16" or (
         opts.precision == "auto" and (device.type == "cuda" or cpu_bf16_pays())))
     sampler = CropSampler(images, opts.patch_size, distributed.rank_seed(opts.seed, world))
+    if opts.model in ("vae", "ae"):  # gmm fits on the CPU; anogan keeps its own loop
+        sampler.to(device)
     if world.size > 1:
         sampler = distributed.ShardedSampler(sampler, world)
     val_sampler = CropSampler([all_images[i] for i in held], opts.patch_size, opts.seed + 1) if held else None
@@ -374,12 +393,18 @@ def heldout_loss(model: nn.Module, crops: torch.Tensor, batch_size: int = 128) -
     return total / crops.shape[0]
 
 
+def loss_read_every(device: torch.device) -> int:
+    return 1 if device.type == "cpu" else LOSS_READ_EVERY
+
+
 def _fit_gradient(model: nn.Module, sampler: CropSampler, val_sampler: CropSampler | None, device: torch.device,
                   use_bf16: bool, total_steps: int, steps_per_epoch: int, budget_s: float, opts: TrainOptions,
                   planned_by: str = "epochs", world: distributed.World = distributed.SINGLE) -> dict[str, Any]:
     """The VAE/AE Adam loop with a cosine learning rate over the budget (steps or time, whichever ends first)
     and an early stop when the held-out loss stops improving; returns the card's training summary."""
-    optim = torch.optim.Adam(model.parameters(), lr=opts.lr, betas=(0.9, 0.999), weight_decay=opts.weight_decay)
+    # fused: one kernel for the whole update on CUDA instead of several per parameter
+    optim = torch.optim.Adam(model.parameters(), lr=opts.lr, betas=(0.9, 0.999), weight_decay=opts.weight_decay,
+                             fused=device.type == "cuda")
     train_loss = distributed.loss_step(model, functools.partial(loss_fn, beta_nll=opts.beta_nll), world, opts.seed)
     model.train()
     val = val_sampler.sample(512).to(device) if val_sampler is not None else None
@@ -387,6 +412,21 @@ def _fit_gradient(model: nn.Module, sampler: CropSampler, val_sampler: CropSampl
     best, best_step, checks_since_best, history = math.inf, 0, 0, []
     t0 = time.monotonic()
     step, ema, stopped_by = 0, None, planned_by
+    # Reading the loss waits for the device; on a GPU read it every few steps so the host queues ahead.
+    read_every = loss_read_every(device)
+    pending: list[torch.Tensor] = []
+
+    def read_losses() -> None:
+        nonlocal ema
+        if not pending:
+            return
+        values = torch.stack(pending).float().tolist()
+        first = step - len(pending)
+        pending.clear()
+        for k, value in enumerate(values):
+            if not math.isfinite(value):
+                raise DataError(f"training diverged at step {first + k} (loss {value}); lower --lr or check the images")
+            ema = value if ema is None else 0.98 * ema + 0.02 * value
     with Progress(total_steps, "train", enabled=opts.progress and world.main) as bar:
         while step < total_steps:
             # every process uses the slowest one's clock: the same learning rate and the same stop step
@@ -400,15 +440,17 @@ def _fit_gradient(model: nn.Module, sampler: CropSampler, val_sampler: CropSampl
             x = sampler.sample(opts.batch_size).to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = train_loss(x)
-            if not torch.isfinite(loss):
+            if read_every == 1 and not torch.isfinite(loss):  # on the GPU: read_losses, a few steps later
                 raise DataError(f"training diverged at step {step} (loss {loss.item()}); lower --lr or check the images")
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
+            pending.append(loss.detach())
             step += 1
-            value = float(loss.detach())
-            ema = value if ema is None else 0.98 * ema + 0.02 * value
-            if val is not None and (step % check_every == 0 or step == total_steps):
+            checking = val is not None and (step % check_every == 0 or step == total_steps)
+            if step % read_every == 0 or checking or step == total_steps:
+                read_losses()
+            if checking:
                 v = heldout_loss(model, val)
                 history.append([step, round(v, 4)])
                 # An improvement must beat noise: 0.1 % of the loss's scale.
@@ -423,7 +465,9 @@ def _fit_gradient(model: nn.Module, sampler: CropSampler, val_sampler: CropSampl
                     break
             eta = min((total_steps - step) * elapsed / max(step - 1, 1), budget_s - elapsed) if step > 1 else None
             bar.update(1, eta_s=eta, epoch=f"{step // steps_per_epoch + 1}/{max(1, total_steps // steps_per_epoch)}",
-                       loss=ema, **({"heldout": history[-1][1]} if history else {}))
+                       **({"loss": ema} if ema is not None else {}),
+                       **({"heldout": history[-1][1]} if history else {}))
+        read_losses()
         bar.fields["stopped"] = stopped_by
     return {"steps": step, "planned_steps": total_steps, "steps_per_epoch": steps_per_epoch,
             "epochs": round(step / steps_per_epoch, 3), "stopped_by": stopped_by, "final_loss": ema,
