@@ -45,7 +45,7 @@ class ModelConfig(Section):
         ">= 1.2x fp32 at start, on GPUs of compute capability >= 8.0; fp16 on older GPUs; fp32 otherwise."
     )
     batch_size: int = Field(64, ge=1, le=65536, description="Patches per forward pass; 64 keeps a CPU's activations "
-                            "in cache (docs/PERFORMANCE.md), a GPU may want 256-1024.")
+                            "in cache; on a GPU take 256 (H200: 1.2x the patches/s of 64 in fp16, docs/PERFORMANCE.md).")
     ignore_mask: Path | None = Field(
         None, description="PNG whose black pixels mark areas where patches do not count (overrides the card's)."
     )
