@@ -216,7 +216,10 @@ class LowSide:
 
 
 PLACE_ENTRY = "place.npz"  # the archive entry (artifact extras) that holds PlaceStats' arrays
-PLACE_MIN_GAIN_NATS = 5.0  # below this the places do not differ (a texture) and the place score is left out
+# Below this the places differ too little and the place score is left out. Measured (docs/RESULTS.md, round 12):
+# a texture -0.7; the same 128-px part moving +-16 / +-8 / +-2.5 px gave 11.8 / 20.4 / 32.4 nats, and the place
+# score cost 0.012 AUROC / cost 0.002 / paid 0.012 there; fixtured parts where it paid: 24.6-61.
+PLACE_MIN_GAIN_NATS = 15.0
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,10 @@ def train(
                                                    "place (a Gaussian per grid cell, fitted on the training images); "
                                                    "kept only when held-out images show that places differ "
                                                    "(fixtured parts, not textures).")] = True,
+    place_min_gain: Annotated[Optional[float], typer.Option(
+        help="Keep the place score when held-out good codes gain at least this many nats from their place's "
+             "Gaussian over one pooled Gaussian; default 15 (a part moving +-16 px at 128 px gave 12, and the "
+             "place score cost it AUROC).", show_default=False)] = None,
     target_frr: Annotated[float, typer.Option(help="False-reject rate the initial threshold aims at.")] = 0.01,
     beta_nll: Annotated[float, typer.Option(help="VAE: weight each pixel's NLL by sigma_x^(2 beta) in training "
                                                  "(beta-NLL; 0 = the plain ELBO).")] = 0.0,
@@ -160,7 +164,7 @@ def train(
                         steps=steps, min_steps=min_steps, holdout=holdout, lr_schedule=lr_schedule,
                         early_stop=early_stop, anomaly_map=anomaly_map, blur_sigma=blur_sigma,
                         position_stats=position_stats, texture_loss=texture_loss, place_score=place_score,
-                        target_frr=target_frr,
+                        place_min_gain=place_min_gain, target_frr=target_frr,
                         beta_nll=beta_nll, latent=latent)
     card = fit(data_dir, out, opts)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 wrote the file and reports it

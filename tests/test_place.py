@@ -260,3 +260,30 @@ def test_bf16_place_score_keeps_the_fast_path_and_stays_near_fp32(place_models):
         image = make_part(seed, defect, size=64).image
         a, b = fp32.score_image(image).scores.max(), bf16.score_image(image).scores.max()
         assert abs(a - b) <= 0.05 * abs(a) + 1e-3
+
+
+def test_a_gain_under_the_minimum_leaves_the_place_score_out_and_says_how_to_change_it(place_models, tmp_path):
+    root, _ = place_models["part"]
+    model = tmp_path / "m.pt"
+    fit(root / "train/good", model, tiny_options(model="vae", patch_size=32, stride=16, steps=30,
+                                                 min_place_images=8, place_images=24, place_min_gain=1e9))
+    card = artifact.verify(model)
+    check = card["anomaly_map"]["place_check"]
+    assert card["anomaly_map"]["place"] is None and not check["used"] and check["min_gain_nats"] == 1e9
+    assert "--place-min-gain" in check["why"] and PLACE_ENTRY not in artifact.load_with_extras(model)[2]
+
+
+def test_train_cli_passes_place_min_gain(monkeypatch, tmp_path, place_models):
+    from edge_agent import cli
+    from edge_agent.anomaly_map import PLACE_MIN_GAIN_NATS
+    from edge_agent.train import fit as fit_module
+
+    seen = []
+    monkeypatch.setattr(fit_module, "fit", lambda data, out, opts: seen.append(opts) or artifact.verify(place_models["part"][1]))
+    root, _ = place_models["part"]
+    for extra, want in (([], None), (["--place-min-gain", "2.5"], 2.5)):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["train", str(root / "train/good"), "--out", str(tmp_path / "m.pt"), "-q", *extra])
+        assert e.value.code in (0, None)
+        assert seen[-1].place_min_gain == want
+    assert PLACE_MIN_GAIN_NATS == 15.0  # the default the help text and README state

@@ -689,7 +689,8 @@ def _checked_place(train_codes: np.ndarray, held_codes: np.ndarray, mean: np.nda
                              "used": gain >= least}
     if not check["used"]:
         check["why"] = (f"held-out good codes gain {gain:.1f} nats from their place's Gaussian over a pooled one "
-                        f"(< {least:g}): the places do not differ, as on a texture")
+                        f"(< {least:g}): the places differ too little, as on a texture or a part that moves more "
+                        "than a few px (--place-min-gain to change)")
         logger.info("place score left out: %s", check["why"])
         return None, check
     place_max = float(np.median(PlaceStats.distances(held_codes, mean, chol).max(1)))
