@@ -1,11 +1,12 @@
-"""The station's part, not fixtured: the check for the place score on parts that move (goal 4, round 12).
+"""The station's part (or the bracket), not fixtured: the check for the place score on parts that move (round 12).
 
 `synth` draws the part with +-2.5 px of placement jitter at 128 px. This draws it at 160x160 and cuts every
 image (and mask) to 128x128 at a random offset of up to +-SHIFT px in x and y, so the part moves that much more
 from image to image; `--shift 0` cuts the centre (the fixtured control, same part scale). A defect image whose
-defect the cut left fewer than 4 pixels of is dropped, with its kind.
+defect the cut left fewer than 4 pixels of is dropped, with its kind. `--kind bracket` does the same with
+benchmarks/bracket_set.py's stamped bracket (its own jitter: +-4 px, +-3 degrees).
 
-    python benchmarks/unfixtured_set.py data/unfix16 --shift 16 [--seed 5]
+    PYTHONPATH=.:benchmarks python benchmarks/unfixtured_set.py data/unfix16 --shift 16 [--seed 5] [--kind bracket]
 """
 
 from __future__ import annotations
@@ -61,15 +62,22 @@ def main() -> None:
     ap.add_argument("--shift", type=int, default=16, help="largest extra offset in px (0 = fixtured control)")
     ap.add_argument("--seed", type=int, default=5, help="synth's data set seed")
     ap.add_argument("--cut-seed", type=int, default=11, help="seed of the offsets")
+    ap.add_argument("--kind", choices=("part", "bracket"), default="part")
     a = ap.parse_args()
+    defects = 100
+    if a.kind == "bracket":
+        import bracket_set  # benchmarks/bracket_set.py: another tool's part
+
+        synth.KINDS["bracket"] = bracket_set.make_bracket
+        defects = 180
     if a.out.exists():
         shutil.rmtree(a.out)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp)
-        synth.write_dataset(src, n_train=200, n_calib=100, n_test_good=100, n_test_defect=100, seed=a.seed,
-                            size=FRAME)
+        synth.write_dataset(src, n_train=200, n_calib=100, n_test_good=100, n_test_defect=defects, seed=a.seed,
+                            size=FRAME, kind=a.kind)
         kept = cut_dataset(src, a.out, a.shift, a.cut_seed)
-    print(f"wrote {a.out}: parts moved up to +-{a.shift} px; {kept} of 100 defect images kept")
+    print(f"wrote {a.out}: {a.kind} moved up to +-{a.shift} px; {kept} of {defects} defect images kept")
 
 
 if __name__ == "__main__":
