@@ -217,8 +217,8 @@ class LowSide:
 
 PLACE_ENTRY = "place.npz"  # the archive entry (artifact extras) that holds PlaceStats' arrays
 # Below this the places differ too little and the place score is left out. Measured (docs/RESULTS.md, round 12):
-# a texture -0.7; the same 128-px part moving +-16 / +-8 / +-2.5 px gave 11.8 / 20.4 / 32.4 nats, and the place
-# score cost 0.012 AUROC / cost 0.002 / paid 0.012 there; fixtured parts where it paid: 24.6-61.
+# a texture -0.7; parts moving +-16 px in 128 gave 8.2 and 11.8 nats, and the place score cost recall at 1 % FRR
+# there (bracket 56 -> 33 %); +-8 px 20.4 (cost 0.002 AUROC); fixtured parts where it paid: 22.3-61.
 PLACE_MIN_GAIN_NATS = 15.0
 
 

@@ -116,8 +116,8 @@ def train(
                                                    "(fixtured parts, not textures).")] = True,
     place_min_gain: Annotated[Optional[float], typer.Option(
         help="Keep the place score when held-out good codes gain at least this many nats from their place's "
-             "Gaussian over one pooled Gaussian; default 15 (a part moving +-16 px at 128 px gave 12, and the "
-             "place score cost it AUROC).", show_default=False)] = None,
+             "Gaussian over one pooled Gaussian; default 15 (parts moving +-16 px at 128 px gave 8-12, and the "
+             "place score cost them recall).", show_default=False)] = None,
     target_frr: Annotated[float, typer.Option(help="False-reject rate the initial threshold aims at.")] = 0.01,
     beta_nll: Annotated[float, typer.Option(help="VAE: weight each pixel's NLL by sigma_x^(2 beta) in training "
                                                  "(beta-NLL; 0 = the plain ELBO).")] = 0.0,
