@@ -413,6 +413,7 @@ def _fit_gradient(model: nn.Module, sampler: CropSampler, val_sampler: CropSampl
     t0 = time.monotonic()
     step, ema, stopped_by = 0, None, planned_by
     # Reading the loss waits for the device; on a GPU read it every few steps so the host queues ahead.
+    # read_losses is also where a diverged (non-finite) loss stops training, with its step.
     read_every = loss_read_every(device)
     pending: list[torch.Tensor] = []
 
@@ -440,8 +441,6 @@ def _fit_gradient(model: nn.Module, sampler: CropSampler, val_sampler: CropSampl
             x = sampler.sample(opts.batch_size).to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss = train_loss(x)
-            if read_every == 1 and not torch.isfinite(loss):  # on the GPU: read_losses, a few steps later
-                raise DataError(f"training diverged at step {step} (loss {loss.item()}); lower --lr or check the images")
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
