@@ -337,6 +337,94 @@ class PlaceStats:
         return self.weight * white.pow(2).sum(1).sqrt()
 
 
+WHITEN_WINDOW = 5  # px; measured 3-15 (docs/RESULTS.md round 13): 5 best with the map on the 640x480 part, 5-9 alike on textures
+
+
+@dataclass(frozen=True)
+class Whitening:
+    """The residual's shape, not only its size: the model's signed per-pixel residual (VAE: (x - mu_x) / sigma_x,
+    AE: x - x_hat), averaged over the patches that cover each pixel (fold_mean), and every k x k window of it
+    scored by its Mahalanobis distance from the windows of good images.
+
+    The pixel map treats pixels as independent, but a good part's residual is not: brushing, grain and a loosely
+    drawn thread leave residuals correlated along lines and rings, while a 1-px scratch or fibre is a few tenths
+    of a sigma per pixel in a shape no good residual has. One Gaussian of the k x k windows (mean (k^2,), chol
+    (k^2, k^2) lower-triangular with precision = chol @ chol.T, fitted on held-out good images: millions of
+    windows for k^2 (k^2 + 1) / 2 numbers) whitens that correlation; the map 0.5 d^2 x weight (weight: the
+    plain map's median image maximum over this one's, on the same images) is taken where it exceeds the plain
+    map. A k^2-filter convolution per frame: about 1 % of a 640x480 VAE frame's scoring at k = 5.
+    """
+
+    window: int
+    mean: np.ndarray
+    chol: np.ndarray
+    weight: float
+    images: int
+
+    @staticmethod
+    def windows(signed: torch.Tensor, k: int) -> torch.Tensor:
+        """(H, W) -> (H * W, k * k): the window around every pixel (edges reflected)."""
+        x = F.pad(signed.float()[None, None], (k // 2,) * 4, mode="reflect")
+        return F.unfold(x, k)[0].t()
+
+    @staticmethod
+    def fit(signed: list[torch.Tensor], k: int, shrink: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+        """Good images' folded signed residuals (each (H, W)) -> mean (k^2,) and Cholesky factor of the precision."""
+        n, total, outer = 0, torch.zeros(k * k, dtype=torch.float64), torch.zeros(k * k, k * k, dtype=torch.float64)
+        for image in signed:
+            w = Whitening.windows(image.cpu(), k).double()
+            n += w.shape[0]
+            total += w.sum(0)
+            outer += w.t() @ w
+        mean = total / n
+        cov = outer / n - torch.outer(mean, mean)
+        cov += shrink * torch.trace(cov) / (k * k) * torch.eye(k * k, dtype=torch.float64) + 1e-12 * torch.eye(k * k, dtype=torch.float64)
+        chol = torch.linalg.cholesky(torch.linalg.inv(cov))
+        return mean.numpy(), chol.numpy()
+
+    def card(self) -> dict[str, Any]:
+        return {"window_px": self.window, "mean": _encode(self.mean), "chol": _encode(self.chol),
+                "weight": self.weight, "images": self.images,
+                "rule": "map = max(map, weight x 0.5 d^2), d the Mahalanobis distance of the k x k window of the "
+                        "signed residual (folded over overlapping patches) around each pixel from good windows"}
+
+    @staticmethod
+    def from_card(record: dict[str, Any]) -> Whitening:
+        try:
+            k = int(record["window_px"])
+            white = Whitening(k, _decode(record["mean"]).reshape(k * k), _decode(record["chol"]).reshape(k * k, k * k),
+                              float(record["weight"]), int(record.get("images", 0)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelError(f"the model card's residual whitening is unreadable ({e}); retrain the model") from None
+        if k < 1 or k % 2 == 0 or not (np.isfinite(white.mean).all() and np.isfinite(white.chol).all()
+                                       and math.isfinite(white.weight) and white.weight > 0):
+            raise ModelError("the model card's residual whitening is malformed; retrain the model")
+        return white
+
+    def filters(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whitening as a convolution: k^2 filters of k x k (chol's columns) and their bias (-mean @ chol)."""
+        k = self.window
+        chol = torch.from_numpy(np.asarray(self.chol, np.float32))
+        weight = chol.t().reshape(k * k, 1, k, k).contiguous()
+        bias = -(torch.from_numpy(np.asarray(self.mean, np.float32)) @ chol)
+        return weight.to(device), bias.to(device)
+
+    def unweighted(self, signed: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """(H, W) folded signed residual -> (H, W) 0.5 d^2 of the window around each pixel, float32."""
+        key = ("white", signed.device)
+        stats = cache.get(key) if cache is not None else None
+        if stats is None:
+            stats = self.filters(signed.device)
+            if cache is not None:
+                cache[key] = stats
+        weight, bias = stats
+        x = F.pad(signed.float()[None, None], (self.window // 2,) * 4, mode="reflect")
+        return 0.5 * F.conv2d(x, weight, bias)[0].pow(2).sum(0)
+
+    def map(self, signed: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        return self.weight * self.unweighted(signed, cache)
+
+
 @dataclass(frozen=True)
 class MapHead:
     """The card's `anomaly_map`: pixel maps -> fold mean -> blur -> (minus place mean) / place spread -> window max,
@@ -346,6 +434,7 @@ class MapHead:
     position: PositionStats | None = None
     low: LowSide | None = None
     place: PlaceStats | None = None
+    white: Whitening | None = None
 
     @staticmethod
     def from_card(card: dict[str, Any], extras: dict[str, bytes] | None = None) -> MapHead | None:
@@ -354,17 +443,21 @@ class MapHead:
         if not record:
             return None
         position, low, place = record.get("position"), record.get("low"), record.get("place")
+        white = record.get("white")
         return MapHead(float(record.get("blur_sigma_px", 0.0)), PositionStats.from_card(position) if position else None,
                        LowSide.from_card(low) if low else None,
-                       PlaceStats.from_card(place, extras or {}) if place else None)
+                       PlaceStats.from_card(place, extras or {}) if place else None,
+                       Whitening.from_card(white) if white else None)
 
     def card(self) -> dict[str, Any]:
         return {"source": "pixel_map", "fold": "mean over overlapping patches", "blur_sigma_px": self.sigma_px,
                 "position": self.position.card() if self.position else None,
                 "low": self.low.card() if self.low else None,
                 "place": self.place.card() if self.place else None,
+                "white": self.white.card() if self.white else None,
                 "patch_score": "max of the map inside the patch" + (
                     ", the map normalized by the good parts' median and spread at each place" if self.position else "")
+                + (", the map raised to the whitened residual's where larger" if self.white else "")
                 + (", or the place score where larger (the patch's code against good codes at its place)"
                    if self.place else "")
                 + (", or the low side's score where larger (texture loss)" if self.low else "")}
@@ -390,16 +483,23 @@ class MapHead:
         return (smooth - mean) / spread
 
     def patch_scores(self, grid: PatchGrid, pixel_maps: torch.Tensor, cache: dict | None = None,
-                     codes: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, P, P) pixel maps of one frame (and with a place score its (N, D) codes) -> (N,) patch scores."""
-        scores = self.scores_of_smoothed(grid, self.smoothed(grid, pixel_maps), cache, codes)
+                     codes: torch.Tensor | None = None, residuals: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, P, P) pixel maps of one frame (with a place score its (N, D) codes, with whitening its (N, P, P)
+        signed residuals) -> (N,) patch scores."""
+        signed = fold_mean(grid, residuals) if self.white is not None and residuals is not None else None
+        scores = self.scores_of_smoothed(grid, self.smoothed(grid, pixel_maps), cache, codes, signed)
         return scores if self.low is None else torch.maximum(scores, self.low.scores(pixel_maps).to(scores.device))
 
     def scores_of_smoothed(self, grid: PatchGrid, smooth: torch.Tensor, cache: dict | None = None,
-                           codes: torch.Tensor | None = None) -> torch.Tensor:
-        """(H, W) smoothed map (from `smoothed`) -> (N,) patch scores without the low side: what train uses once
-        the statistics exist."""
-        scores = window_max(grid, self.normalized(smooth, cache))
+                           codes: torch.Tensor | None = None, signed: torch.Tensor | None = None) -> torch.Tensor:
+        """(H, W) smoothed map (from `smoothed`; with whitening the (H, W) folded signed residual) -> (N,) patch
+        scores without the low side: what train uses once the statistics exist."""
+        image = self.normalized(smooth, cache)
+        if self.white is not None:
+            if signed is None:
+                raise ValueError("this head whitens the residual: give the frame's signed residuals")
+            image = torch.maximum(image, self.white.map(signed.to(image.device), cache))
+        scores = window_max(grid, image)
         if self.place is None:
             return scores
         if codes is None:

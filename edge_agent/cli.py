@@ -118,6 +118,11 @@ def train(
         help="Keep the place score when held-out good codes gain at least this many nats from their place's "
              "Gaussian over one pooled Gaussian; default 15 (parts moving +-16 px at 128 px gave 8-12, and the "
              "place score cost them recall).", show_default=False)] = None,
+    whiten: Annotated[bool, typer.Option(help="vae/ae: also score the shape of the signed residual: each k x k "
+                                              "window's Mahalanobis distance from good windows, fitted on the "
+                                              "held-out images (catches 1-px scratches and fibres the pixel map "
+                                              "misses).")] = True,
+    whiten_window: Annotated[int, typer.Option(help="The whitened windows' side k in px (odd).")] = 5,
     target_frr: Annotated[float, typer.Option(help="False-reject rate the initial threshold aims at.")] = 0.01,
     beta_nll: Annotated[float, typer.Option(help="VAE: weight each pixel's NLL by sigma_x^(2 beta) in training "
                                                  "(beta-NLL; 0 = the plain ELBO).")] = 0.0,
@@ -155,6 +160,8 @@ def train(
         raise DataError(f"--beta-nll {beta_nll} must be in [0, 1] (0.5 is the usual choice, 0 the plain ELBO)")
     if not 0 < target_frr < 1:
         raise DataError(f"--target-frr {target_frr} must be a rate between 0 and 1 (e.g. 0.01)")
+    if whiten_window < 1 or whiten_window % 2 == 0 or whiten_window > 15:
+        raise DataError(f"--whiten-window {whiten_window} must be an odd number of px from 1 to 15 (default 5)")
     opts = TrainOptions(model=model, patch_size=patch_size, stride=stride, channels=channels, nc=nc, nz=nz,
                         batch_size=batch_size, epochs=epochs, max_minutes=max_minutes, lr=lr,
                         weight_decay=weight_decay, seed=seed, device=device, precision=precision, name=name,
@@ -164,7 +171,8 @@ def train(
                         steps=steps, min_steps=min_steps, holdout=holdout, lr_schedule=lr_schedule,
                         early_stop=early_stop, anomaly_map=anomaly_map, blur_sigma=blur_sigma,
                         position_stats=position_stats, texture_loss=texture_loss, place_score=place_score,
-                        place_min_gain=place_min_gain, target_frr=target_frr,
+                        place_min_gain=place_min_gain, whiten=whiten, whiten_window=whiten_window,
+                        target_frr=target_frr,
                         beta_nll=beta_nll, latent=latent)
     card = fit(data_dir, out, opts)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 wrote the file and reports it

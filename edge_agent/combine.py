@@ -94,6 +94,21 @@ class EnsembleWithCode(Ensemble):
         return out, code
 
 
+class EnsembleWithResidual(EnsembleWithCode):
+    """An Ensemble whose first member whitens its residual (anomaly_map.Whitening): the combination keeps that
+    member's signed residual (and code), from the same forward pass as the maps."""
+
+    @torch.jit.export
+    def pixel_map_residual(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(max over members of scale_k * pixel_map_k(x), the first member's signed residual and code)."""
+        first, residual, code = self.members[0].pixel_map_residual(x)
+        out = first.float() * self.scales[0]
+        for k, member in enumerate(self.members):
+            if k > 0:
+                out = torch.maximum(out, member.pixel_map(x).float() * self.scales[k])
+        return out, residual, code
+
+
 def _geometry(card: dict[str, Any]) -> tuple:
     p, i = card["patch"], card["input"]
     return (int(p["size"]), int(p["stride"]), bool(p.get("cover_edges", True)), int(i["channels"]),
@@ -218,7 +233,10 @@ def combine(paths: list[Path], out: Path, good: Path | None = None, scale_images
     place = MapHead.from_card(cards[0], artifact.load_with_extras(paths[0])[2]).place
     if place is not None and not hasattr(members[0][0], "pixel_map_code"):
         place = None
-    ensemble = EnsembleWithCode if place is not None else Ensemble
+    # The first member's residual whitening is refitted on the threshold images (set_threshold) with its window.
+    white = (cards[0].get("anomaly_map") or {}).get("white")
+    window = int(white["window_px"]) if white and hasattr(members[0][0], "pixel_map_residual") else None
+    ensemble = EnsembleWithResidual if window else EnsembleWithCode if place is not None else Ensemble
     module = torch.jit.script(ensemble([m for m, _ in members], scales, raw))
 
     scores: dict[str, Any] = {"names": [raw, head_name], "default": head_name, "pixel_map": True,
@@ -259,11 +277,11 @@ def combine(paths: list[Path], out: Path, good: Path | None = None, scale_images
                      "python": platform.python_version()},
     }
     artifact.save(module, card, out, MapHead(0.0, place=place).extras())
-    return set_threshold(out, threshold_files, target_frr, confidence, progress, texture_loss)
+    return set_threshold(out, threshold_files, target_frr, confidence, progress, texture_loss, window)
 
 
 def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: float,
-                  progress: bool = True, texture_loss: bool = True) -> dict[str, Any]:
+                  progress: bool = True, texture_loss: bool = True, whiten_window: int | None = None) -> dict[str, Any]:
     """Every score's threshold by the good-only FRR method on `files`, written into the card; with a place score
     (the first member's) its weight is refitted here first: median image maximum of the combined map over that
     of the place distance, as train sets it."""
@@ -277,20 +295,36 @@ def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: 
     raw = scorer.card["scores"]["names"][0]
     images: list[ImageResult] = []
     distances: list[np.ndarray] = []  # the place score's distances (weight 1) of each image's patches
+    signed: list[torch.Tensor] = []  # the first member's folded signed residual of each image (whitening)
+    smooth: list[torch.Tensor] = []
     plain = MapHead(0.0)
     place = scorer.head.place
     t0 = time.monotonic()
     with Progress(len(files), "threshold", enabled=progress) as bar:
         for f in files:
             grid, patches = scorer.patches(read_image(f))
-            maps, codes = scorer.pixel_maps_codes(patches)
+            if whiten_window:
+                maps, residuals, codes = scorer.maps_residuals(patches)
+                signed.append(fold_mean(grid, residuals))
+            else:
+                maps, codes, _ = scorer.pixel_maps_codes(patches)
             with torch.inference_mode():
+                smooth.append(plain.smoothed(grid, maps))
                 values = {raw: maps.flatten(1).sum(1).cpu().numpy(),
-                          scorer.head_name: plain.patch_scores(grid, maps).cpu().numpy()}
+                          scorer.head_name: plain.scores_of_smoothed(grid, smooth[-1]).cpu().numpy()}
                 if place is not None:
                     distances.append((place.scores(codes) / place.weight).cpu().numpy())
             images.append(ImageResult(f, grid, values, scorer.counted(grid)))
             bar.update(1)
+    white = None
+    if signed:
+        from edge_agent.train.fit import _fitted_whitening
+
+        white = _fitted_whitening(signed, [i.image_score(scorer.head_name) for i in images], whiten_window)
+        if white is not None:
+            with_white = MapHead(0.0, white=white)
+            for k, image in enumerate(images):
+                image.scores[scorer.head_name] = with_white.scores_of_smoothed(image.grid, smooth[k], signed=signed[k]).numpy()
     if place is not None:
         weight = float(np.median([i.image_score(scorer.head_name) for i in images]) /
                        np.median([d.max() for d in distances]))
@@ -314,7 +348,7 @@ def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: 
     hashes = file_hashes(files)
 
     def change(card: dict[str, Any]) -> dict[str, Any]:
-        card["anomaly_map"] = {**card["anomaly_map"], **MapHead(0.0, None, low, place).card()}
+        card["anomaly_map"] = {**card["anomaly_map"], **MapHead(0.0, None, low, place, white).card()}
         for k, values in results.items():
             good = np.array(values, dtype=np.float64)
             entry = calibrate.choose(good, None, "frr", target_frr, None, confidence, blanks.get(k))

@@ -173,8 +173,37 @@ class _PixelMapCode(torch.nn.Module):
         return pack_map_code(pixel_map, code)  # TorchScript compiles the annotated function with it
 
 
+def pack_map_residual(pixel_map: torch.Tensor, residual: torch.Tensor, code: torch.Tensor, with_code: bool) -> torch.Tensor:
+    """(N, P, P) map, (N, P, P) signed residual [and (N, D) code] -> one (N, 2 P*P [+ D]) float32 tensor."""
+    parts = [pixel_map.float().flatten(1), residual.float().flatten(1)]
+    if with_code:
+        parts.append(code.float())
+    return torch.cat(parts, 1)
+
+
+class _PixelMapResidual(torch.nn.Module):
+    """forward(x) = pack_map_residual(*module.pixel_map_residual(x), False): the map and the signed residual from
+    one pass, for a head that whitens the residual (anomaly_map.Whitening)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pixel_map, residual, code = self.module.pixel_map_residual(x)
+        return pack_map_residual(pixel_map, residual, code, False)
+
+
+class _PixelMapResidualCode(_PixelMapResidual):
+    """The same with the code packed last, for a head that also has a place score."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pixel_map, residual, code = self.module.pixel_map_residual(x)
+        return pack_map_residual(pixel_map, residual, code, True)
+
+
 def optimise(module: torch.jit.ScriptModule, name: str | None, channels_last: bool = True, mkldnn: bool = False,
-             with_code: bool = False):
+             with_code: bool = False, with_residual: bool = False):
     """The loaded module's score `name` (None: its pixel_map; with_code: map and code packed, pack_map_code) as a
     frozen TorchScript function of x (N, C, P, P).
 
@@ -184,7 +213,8 @@ def optimise(module: torch.jit.ScriptModule, name: str | None, channels_last: bo
     the output layer, to_dense around the sub-pixel shuffle) cost more than the prepacking saves, in fp32
     and far more in bf16 (PERFORMANCE.md). The caller checks the result against the module itself.
     """
-    chosen = (_PixelMapCode(module) if with_code else _PixelMap(module)) if name is None else _ChosenScore(module, name)
+    chosen = (((_PixelMapResidualCode(module) if with_code else _PixelMapResidual(module)) if with_residual else _PixelMapCode(module) if with_code else _PixelMap(module))
+              if name is None else _ChosenScore(module, name))
     wrapper = torch.jit.script(chosen).eval()
     if channels_last:
         wrapper = wrapper.to(memory_format=torch.channels_last)
@@ -247,6 +277,12 @@ class Scorer:
         self.with_code = self.head is not None and self.head.place is not None
         if self.with_code and not hasattr(module, "pixel_map_code"):
             raise ModelError(f"{self.path} has a place score but its module has no pixel_map_code; retrain the model")
+        # Residual whitening (anomaly_map.Whitening) needs each patch's signed residual from the same pass.
+        self.with_residual = self.head is not None and self.head.white is not None
+        if self.with_residual and not hasattr(module, "pixel_map_residual"):
+            raise ModelError(f"{self.path} whitens the residual but its module has no pixel_map_residual; retrain "
+                             "the model")
+        self.packed = self.with_code or self.with_residual
         self._head_cache: dict = {}
         self.score_name = score_name or card["scores"]["default"]
         if self.score_name not in names:
@@ -348,7 +384,7 @@ class Scorer:
         probe = torch.rand(4, self.channels, self.patch_size, self.patch_size)
         try:
             fast = optimise(self.module, None if self.uses_map() else self.score_name, self.channels_last, self.mkldnn,
-                            self.with_code and self.uses_map())
+                            self.with_code and self.uses_map(), self.with_residual and self.uses_map())
             with torch.inference_mode():
                 x = self._layout(probe.to(self.device))
                 want = self._module_fn(self.score_name)(x).float()
@@ -362,10 +398,9 @@ class Scorer:
             # A pixel map in bf16/fp16 differs pixel by pixel with the order of rounding (measured: up to 5 % of the
             # largest pixel between the frozen and the eager module, both equally close to fp32); the head
             # averages it over the overlapping patches. A broken freeze still shows in the per-patch means.
-            if self.with_code:  # the code is compared as it is, the map by its per-patch means
-                (got_map, got_code), (want_map, want_code) = self._unpack(got), self._unpack(want)
-                got = torch.cat([got_map.flatten(1).mean(1, keepdim=True), got_code], 1)
-                want = torch.cat([want_map.flatten(1).mean(1, keepdim=True), want_code], 1)
+            if self.packed:  # the code is compared as it is, the map and the residual by their per-patch means
+                got, want = (torch.cat([t.flatten(1).mean(1, keepdim=True) if t.dim() == 3 else t
+                                        for t in self._unpack(out) if t is not None], 1) for out in (got, want))
             else:
                 got, want = got.flatten(1).mean(1), want.flatten(1).mean(1)
         finite = want[torch.isfinite(want)]  # a broken model's NaN scores are for the verdict to report, not here
@@ -377,8 +412,8 @@ class Scorer:
         self.fast = fast
         if self.device.type == "cuda":
             out_item: tuple[int, ...] = (self.patch_size, self.patch_size) if self.uses_map() else ()
-            if self.uses_map() and self.with_code:
-                out_item = (self.patch_size**2 + self.head.place.dims,)
+            if self.uses_map() and self.packed:
+                out_item = (self.packed_width(),)
             self._cuda = gpu.CudaRunner(fast, self.batch_size, (self.channels, self.patch_size, self.patch_size),
                                         self.dtype, self.channels_last, cuda_graphs, out_item)
 
@@ -389,17 +424,28 @@ class Scorer:
     def _module_fn(self, name: str):
         """The module's own function behind score `name`: its pixel_map for the head's score, else score()."""
         if self.uses_map(name):
+            if self.with_residual:
+                return lambda x: pack_map_residual(*self.module.pixel_map_residual(x), self.with_code)
             if self.with_code:
                 return lambda x: pack_map_code(*self.module.pixel_map_code(x))
             return self.module.pixel_map
         return lambda x: self.module.score(x, name)
 
-    def _unpack(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The head's forward output -> ((N, P, P) maps, (N, D) codes or None without a place score)."""
-        if not self.with_code:
-            return out, None
+    def packed_width(self) -> int:
+        """Values per patch of the head's packed forward output (map, [residual,] code)."""
         p2 = self.patch_size**2
-        return out[:, :p2].reshape(-1, self.patch_size, self.patch_size), out[:, p2:]
+        return (2 * p2 if self.with_residual else p2) + (self.head.place.dims if self.with_code else 0)
+
+    def _unpack(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The head's forward output -> ((N, P, P) maps, (N, D) codes or None without a place score, (N, P, P)
+        signed residuals or None without whitening)."""
+        if not self.packed:
+            return out, None, None
+        p, p2 = self.patch_size, self.patch_size**2
+        maps = out[:, :p2].reshape(-1, p, p)
+        if not self.with_residual:
+            return maps, out[:, p2:], None
+        return maps, (out[:, 2 * p2 :] if self.with_code else None), out[:, p2 : 2 * p2].reshape(-1, p, p)
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -435,8 +481,8 @@ class Scorer:
                 x = self._layout(patches[start:end].to(self.device, non_blocking=True))
                 out.append(run(x).float())
         if not out:
-            if self.uses_map(name) and self.with_code:
-                return torch.zeros((0, self.patch_size**2 + self.head.place.dims))
+            if self.uses_map(name) and self.packed:
+                return torch.zeros((0, self.packed_width()))
             return torch.zeros((0, self.patch_size, self.patch_size) if self.uses_map(name) else 0)
         return torch.cat(out)
 
@@ -458,9 +504,9 @@ class Scorer:
         name = name or self.score_name
         if not self.uses_map(name):
             return self.score_patches(patches, name)
-        maps, codes = self._unpack(self._run(patches, name).to(self.device))
+        maps, codes, residuals = self._unpack(self._run(patches, name).to(self.device))
         with torch.inference_mode():
-            return self.head.patch_scores(grid, maps, self._head_cache, codes).cpu().numpy()
+            return self.head.patch_scores(grid, maps, self._head_cache, codes, residuals).cpu().numpy()
 
     def score_frames(self, frames: list[tuple[PatchGrid, torch.Tensor]]) -> list[np.ndarray]:
         """Several frames' patches (each (N_i, C, P, P), grid.extract order) through the same batched forward
@@ -475,19 +521,32 @@ class Scorer:
         with torch.inference_mode():
             scored = []
             for (grid, _), part in zip(frames, parts):
-                maps, codes = self._unpack(part.to(self.device))
-                scored.append(self.head.patch_scores(grid, maps, self._head_cache, codes).cpu().numpy())
+                maps, codes, residuals = self._unpack(part.to(self.device))
+                scored.append(self.head.patch_scores(grid, maps, self._head_cache, codes, residuals).cpu().numpy())
             return scored
 
     def pixel_maps(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, C, P, P) -> (N, P, P) float32 on the device: the model's per-pixel map (for fitting the head)."""
         return self.pixel_maps_codes(patches)[0]
 
-    def pixel_maps_codes(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(N, C, P, P) -> the (N, P, P) pixel maps and, with a place score, the (N, D) codes (else None)."""
+    def pixel_maps_codes(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(N, C, P, P) -> the (N, P, P) pixel maps, with a place score the (N, D) codes, with whitening the
+        (N, P, P) signed residuals (else None)."""
         if self.head is None:
             raise ValueError(f"{self.path.name} has no anomaly-map score")
         return self._unpack(self._run(patches, self.head_name))
+
+    def maps_residuals(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, C, P, P) -> (N, P, P) pixel maps, (N, P, P) signed residuals and (N, D) codes, float32 on the CPU,
+        from the module's pixel_map_residual whatever the card's head uses (what anomaly_map.Whitening is fitted on)."""
+        maps, residuals, codes = [], [], []
+        with self._grad_mode():
+            for start, end in equal_batches(patches.shape[0], self.batch_size):
+                m, r, c = self.module.pixel_map_residual(self._layout(patches[start:end].to(self.device)))
+                maps.append(m.float().cpu())
+                residuals.append(r.float().cpu())
+                codes.append(c.float().cpu())
+        return torch.cat(maps), torch.cat(residuals), torch.cat(codes)
 
     def codes(self, patches: torch.Tensor) -> torch.Tensor:
         """(N, C, P, P) -> (N, D) float32 on the CPU: each patch's code (module.latent_code; ScriptModule.code is its source), what PlaceStats is fitted on."""

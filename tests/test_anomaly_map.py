@@ -238,9 +238,9 @@ def test_fresh_threshold_is_the_max_of_the_held_out_scores(held_out_model):
     sums, image_scores = [], []
     for f in files:
         grid, patches = scorer.patches(read_image(f))
-        maps = scorer.pixel_maps(patches)
+        maps, codes, residuals = scorer.pixel_maps_codes(patches)
         sums.append(float(maps.flatten(1).sum(1).min()))
-        image_scores.append(ImageResult(f, grid, {"s": plain.patch_scores(grid, maps).numpy()},
+        image_scores.append(ImageResult(f, grid, {"s": plain.patch_scores(grid, maps, None, codes, residuals).numpy()},
                                         scorer.counted(grid)).image_score("s"))
     assert low["images"] == len(files) == 4
     assert low["reference"] == pytest.approx(min(sums), rel=1e-4)
@@ -257,7 +257,8 @@ def test_scorer_head_equals_the_hand_pipeline(held_out_model):
     eager = Scorer(model, device="cpu", fast=False)
     grid, patches = fast.patches(image)
     head = MapHead.from_card(fast.card)
-    want = head.patch_scores(grid, eager.module.pixel_map(patches).detach())
+    maps, residuals, _ = eager.module.pixel_map_residual(patches)
+    want = head.patch_scores(grid, maps.detach(), residuals=residuals.detach())
     np.testing.assert_allclose(eager.score_frame(grid, patches), want.numpy(), rtol=1e-5)
     np.testing.assert_allclose(fast.score_frame(grid, patches), want.numpy(), rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="grid"):

@@ -165,8 +165,9 @@ def test_place_weight_puts_the_place_on_the_maps_scale_and_the_threshold_covers_
     map_max, place_max, full = [], [], []
     for f in files:
         grid, patches = scorer.patches(read_image(f))
-        maps, codes = scorer.pixel_maps_codes(patches)
-        map_max.append(ImageResult(f, grid, {"s": without.patch_scores(grid, maps).numpy()}, None).image_score("s"))
+        maps, codes, residuals = scorer.pixel_maps_codes(patches)
+        map_max.append(ImageResult(f, grid, {"s": without.patch_scores(grid, maps, residuals=residuals).numpy()},
+                                   None).image_score("s"))
         place_max.append(float((place.scores(codes) / place.weight).max()))
         full.append(float(scorer.score_frame(grid, patches).max()))
     assert place.weight == pytest.approx(np.median(map_max) / np.median(place_max), rel=1e-3)
@@ -180,14 +181,15 @@ def test_scorer_with_a_place_score_equals_the_hand_pipeline_in_one_forward_pass(
     _, model = place_models["part"]
     image = make_part(99, "chip", size=64).image
     fast, eager = Scorer(model, device="cpu"), Scorer(model, device="cpu", fast=False)
-    assert fast.fast is not None and fast.with_code
+    assert fast.fast is not None and fast.with_code and fast.with_residual
     grid, patches = fast.patches(image)
     module = eager.module
     with torch.no_grad():
-        maps, codes = module.pixel_map_code(patches)
+        maps, residuals, codes = module.pixel_map_residual(patches)
         np.testing.assert_allclose(maps.numpy(), module.pixel_map(patches).numpy(), rtol=1e-6)
         np.testing.assert_allclose(codes.numpy(), module.latent_code(patches).numpy(), rtol=1e-6)
-    want = fast.head.patch_scores(grid, maps, codes=codes).numpy()
+        np.testing.assert_allclose(codes.numpy(), module.pixel_map_code(patches)[1].numpy(), rtol=1e-6)
+    want = fast.head.patch_scores(grid, maps, codes=codes, residuals=residuals).numpy()
     np.testing.assert_allclose(eager.score_frame(grid, patches), want, rtol=1e-5)
     np.testing.assert_allclose(fast.score_frame(grid, patches), want, rtol=1e-3, atol=1e-3)
     both = fast.score_frames([(grid, patches), (grid, patches)])
@@ -224,10 +226,11 @@ def test_combine_keeps_the_first_members_place_score_on_the_combined_scale(place
     member = Scorer(first, device="cpu")
     np.testing.assert_array_equal(scorer.head.place.chol, member.head.place.chol)
     grid, patches = scorer.patches(make_part(7, "scratch", size=64).image)
-    maps, codes = scorer.pixel_maps_codes(patches)
+    maps, codes, residuals = scorer.pixel_maps_codes(patches)
     with torch.no_grad():
         np.testing.assert_allclose(codes.numpy(), member.module.latent_code(patches).numpy(), rtol=1e-4, atol=1e-6)
-    want = np.maximum(MapHead(0.0).patch_scores(grid, maps).numpy(),
+    assert scorer.head.white is not None  # the first member's whitening, refitted (tests/test_whitening.py)
+    want = np.maximum(MapHead(0.0, white=scorer.head.white).patch_scores(grid, maps, residuals=residuals).numpy(),
                       place["weight"] / member.head.place.weight * member.head.place.scores(codes).numpy())
     low = scorer.head.low
     if low is not None:

@@ -92,6 +92,9 @@ class TrainOptions:
     min_place_images: int = 50
     place_shrink: float = 0.01
     place_min_gain: float | None = None  # nats; None: anomaly_map.PLACE_MIN_GAIN_NATS
+    # vae/ae: also score the shape of the signed residual (anomaly_map.Whitening), fitted on the held-out images.
+    whiten: bool = True
+    whiten_window: int = 5  # px (anomaly_map.WHITEN_WINDOW)
     target_frr: float = 0.01
     confidence: float = 0.95
     extra_card: dict[str, Any] = field(default_factory=dict)
@@ -556,7 +559,7 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
     says how many it used.
     """
     from edge_agent import calibrate  # scoring side; imported late to keep train light
-    from edge_agent.anomaly_map import LowSide, MapHead, PlaceStats, PositionStats
+    from edge_agent.anomaly_map import LowSide, MapHead, PlaceStats, PositionStats, Whitening, fold_mean
     from edge_agent.evaluation import ImageResult, blank_frame_scores
     from edge_agent.images import read_image
     from edge_agent.scoring import Scorer
@@ -587,6 +590,9 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
         place_check = {"used": False, "why": f"{len(place_files)} training images; it needs >= {opts.min_place_images}"}
         fit_place_score = False
     train_codes, held_codes = None, []
+    fit_white = (head is not None and opts.whiten and not trained_on and opts.model in ("vae", "ae")
+                 and hasattr(scorer.module, "pixel_map_residual"))
+    signed: list[torch.Tensor] = []  # each threshold image's folded signed residual (Whitening)
     if fit_place_score:
         train_codes, _ = fit_place(scorer, place_files, opts, budget_s)
         place_mean, place_chol = PlaceStats.fit(train_codes, opts.place_shrink)
@@ -610,7 +616,11 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
             else:
                 raw.append(scorer.score_patches_all(patches))
                 if head is not None:
-                    maps = scorer.pixel_maps(patches)
+                    if fit_white:
+                        maps, residuals, _ = scorer.maps_residuals(patches)
+                        signed.append(fold_mean(grid, residuals))
+                    else:
+                        maps = scorer.pixel_maps(patches)
                     smooth.append(head.smoothed(grid, maps))
                     sums.append(maps.flatten(1).float().sum(1).cpu())
                     if fit_place_score:
@@ -625,6 +635,14 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
         if head is not None:
             for k, image in enumerate(images):
                 image.scores[scorer.head_name] = head.scores_of_smoothed(image.grid, smooth[k]).numpy()
+            if fit_white and signed:
+                white = _fitted_whitening(signed, [i.image_score(scorer.head_name) for i in images],
+                                          opts.whiten_window)
+                if white is not None:
+                    head = dataclasses.replace(head, white=white)
+                    for k, image in enumerate(images):
+                        image.scores[scorer.head_name] = head.scores_of_smoothed(image.grid, smooth[k],
+                                                                                 signed=signed[k]).numpy()
             if fit_place_score and held_codes:
                 place, place_check = _checked_place(train_codes, np.stack(held_codes), place_mean, place_chol,
                                                     [i.image_score(scorer.head_name) for i in images], opts)
@@ -632,7 +650,8 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
                     head = dataclasses.replace(head, place=place)
                     for k, image in enumerate(images):
                         image.scores[scorer.head_name] = head.scores_of_smoothed(
-                            image.grid, smooth[k], codes=torch.from_numpy(held_codes[k]).float()).numpy()
+                            image.grid, smooth[k], codes=torch.from_numpy(held_codes[k]).float(),
+                            signed=signed[k] if head.white is not None else None).numpy()
             if opts.texture_loss and images:  # the low side from the map's scores without it, on the same images
                 scores = [i.image_score(scorer.head_name) for i in images]
                 head = dataclasses.replace(head, low=LowSide.fit(sums, scores))
@@ -673,6 +692,24 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
         return card
 
     return artifact.update_card(path, change, extras=head.extras() if head is not None else None)
+
+
+def _fitted_whitening(signed: list[torch.Tensor], map_image_scores: list[float], k: int) -> Any:
+    """anomaly_map.Whitening of the held-out images' folded signed residuals, weighted onto the map's scale (the
+    median image maximum of the map over that of the whitened map); None where no scale can be set."""
+    from edge_agent.anomaly_map import Whitening
+
+    mean, chol = Whitening.fit(signed, k)
+    white = Whitening(k, mean.astype(np.float32), chol.astype(np.float32), 1.0, len(signed))
+    white_max = float(np.median([float(white.unweighted(s).max()) for s in signed]))
+    map_max = float(np.median(map_image_scores))
+    if not (white_max > 0 and map_max > 0 and math.isfinite(white_max) and math.isfinite(map_max)):
+        logger.warning("residual whitening left out: the medians of the map (%g) and the whitened map (%g) cannot "
+                       "put them on one scale", map_max, white_max)
+        return None
+    logger.info("residual whitening: %dx%d windows of %d held-out images; weight %.4g", k, k, len(signed),
+                map_max / white_max)
+    return dataclasses.replace(white, weight=map_max / white_max)
 
 
 def _checked_place(train_codes: np.ndarray, held_codes: np.ndarray, mean: np.ndarray, chol: np.ndarray,

@@ -228,6 +228,15 @@ class VAE(nn.Module):
         mu_x, sigma_x = self.decode(mu_z)
         return (0.5 * ((mu_x - x.float()) / sigma_x).pow(2)).sum(1), mu_z
 
+    @torch.jit.export
+    def pixel_map_residual(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """pixel_map, the signed normalized residual (x - mu_x) / sigma_x averaged over channels (N, P, P; what
+        anomaly_map.Whitening scores), and the code, from one forward pass."""
+        mu_z, _ = self.encode(x)
+        mu_x, sigma_x = self.decode(mu_z)
+        r = (x.float() - mu_x) / sigma_x
+        return (0.5 * r.pow(2)).sum(1), r.mean(1), mu_z
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(x, self.default_score)
 
@@ -309,6 +318,14 @@ class AE(nn.Module):
         x = x.float()
         z = self.encoder(x)
         return (x - torch.sigmoid(self.decoder(z).float())).abs().mean(1), z.float()
+
+    @torch.jit.export
+    def pixel_map_residual(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """pixel_map, the signed residual x - x_hat averaged over channels (N, P, P), and the code, from one pass."""
+        x = x.float()
+        z = self.encoder(x)
+        r = x - torch.sigmoid(self.decoder(z).float())
+        return r.abs().mean(1), r.mean(1), z.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.score(x, self.default_score)
