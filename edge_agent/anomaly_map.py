@@ -103,6 +103,15 @@ def window_max(grid: PatchGrid, image: torch.Tensor) -> torch.Tensor:
     return cells.reshape(-1)
 
 
+def _cached(cache: dict | None, key: tuple, make):
+    """cache[key], made by make() on first use (the scorer keeps one cache per model: tensors on its device)."""
+    if cache is None:
+        return make()
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
 def _encode(array: np.ndarray) -> str:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
@@ -326,13 +335,7 @@ class PlaceStats:
             raise ModelError(f"the frame gives {codes.shape[0]} patch codes of {codes.shape[-1]} values but the place "
                              f"statistics hold {self.cells} places of {self.dims}: score frames of the size the model "
                              "was trained on")
-        key = ("place", codes.device)
-        stats = cache.get(key) if cache is not None else None
-        if stats is None:
-            stats = self.tensors(codes.device)
-            if cache is not None:
-                cache[key] = stats
-        mean, chol = stats
+        mean, chol = _cached(cache, ("place", codes.device), lambda: self.tensors(codes.device))
         white = torch.bmm((codes.float() - mean).unsqueeze(1), chol).squeeze(1)
         return self.weight * white.pow(2).sum(1).sqrt()
 
@@ -411,13 +414,7 @@ class Whitening:
 
     def unweighted(self, signed: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """(H, W) folded signed residual -> (H, W) 0.5 d^2 of the window around each pixel, float32."""
-        key = ("white", signed.device)
-        stats = cache.get(key) if cache is not None else None
-        if stats is None:
-            stats = self.filters(signed.device)
-            if cache is not None:
-                cache[key] = stats
-        weight, bias = stats
+        weight, bias = _cached(cache, ("white", signed.device), lambda: self.filters(signed.device))
         x = F.pad(signed.float()[None, None], (self.window // 2,) * 4, mode="reflect")
         return 0.5 * F.conv2d(x, weight, bias)[0].pow(2).sum(0)
 
@@ -473,13 +470,8 @@ class MapHead:
     def normalized(self, smooth: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         if self.position is None:
             return smooth
-        key = (smooth.shape[0], smooth.shape[1], smooth.device)
-        stats = cache.get(key) if cache is not None else None
-        if stats is None:
-            stats = self.position.at(smooth.shape[0], smooth.shape[1], smooth.device)
-            if cache is not None:
-                cache[key] = stats
-        mean, spread = stats
+        h, w = smooth.shape
+        mean, spread = _cached(cache, (h, w, smooth.device), lambda: self.position.at(h, w, smooth.device))
         return (smooth - mean) / spread
 
     def patch_scores(self, grid: PatchGrid, pixel_maps: torch.Tensor, cache: dict | None = None,
