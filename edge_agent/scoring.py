@@ -204,8 +204,9 @@ class _PixelMapResidualCode(_PixelMapResidual):
 
 def optimise(module: torch.jit.ScriptModule, name: str | None, channels_last: bool = True, mkldnn: bool = False,
              with_code: bool = False, with_residual: bool = False):
-    """The loaded module's score `name` (None: its pixel_map; with_code: map and code packed, pack_map_code) as a
-    frozen TorchScript function of x (N, C, P, P).
+    """The loaded module's score `name` (None: its pixel_map; with_code: map and code packed, pack_map_code;
+    with_residual: map, signed residual [and code] packed, pack_map_residual) as a frozen TorchScript function
+    of x (N, C, P, P).
 
     Freezing inlines the weights and folds conv + BatchNorm. mkldnn: also optimize_for_inference (oneDNN
     prepacked fp32 convolutions in oneDNN's blocked layout). Off by default: with channels-last aten
@@ -213,8 +214,12 @@ def optimise(module: torch.jit.ScriptModule, name: str | None, channels_last: bo
     the output layer, to_dense around the sub-pixel shuffle) cost more than the prepacking saves, in fp32
     and far more in bf16 (PERFORMANCE.md). The caller checks the result against the module itself.
     """
-    chosen = (((_PixelMapResidualCode(module) if with_code else _PixelMapResidual(module)) if with_residual else _PixelMapCode(module) if with_code else _PixelMap(module))
-              if name is None else _ChosenScore(module, name))
+    if name is not None:
+        chosen: torch.nn.Module = _ChosenScore(module, name)
+    elif with_residual:
+        chosen = _PixelMapResidualCode(module) if with_code else _PixelMapResidual(module)
+    else:
+        chosen = _PixelMapCode(module) if with_code else _PixelMap(module)
     wrapper = torch.jit.script(chosen).eval()
     if channels_last:
         wrapper = wrapper.to(memory_format=torch.channels_last)
