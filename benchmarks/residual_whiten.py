@@ -21,20 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from edge_agent import artifact
-from edge_agent.anomaly_map import MapHead, PositionStats, fold_mean, window_max
+from edge_agent.anomaly_map import MapHead, PositionStats, Whitening, fold_mean, window_max
 from edge_agent.images import read_image
 from edge_agent.scoring import Scorer
 
 import subset
-
-
-def windows(image: torch.Tensor, k: int) -> torch.Tensor:
-    """(H, W) -> (H * W, k * k): the k x k window around every pixel (edges reflected)."""
-    x = F.pad(image[None, None], (k // 2,) * 4, mode="reflect")
-    return F.unfold(x, k)[0].t()
 
 
 def main() -> None:
@@ -88,7 +81,7 @@ def main() -> None:
     for k in (int(v) for v in a.k.split(",")):
         sample = []
         for m in signed["c"][:half]:
-            w = windows(m, k)
+            w = Whitening.windows(m, k)
             sample.append(w[torch.randint(0, w.shape[0], (20000,), generator=gen)])
         sample = torch.cat(sample).double()
         mean = sample.mean(0)
@@ -96,7 +89,7 @@ def main() -> None:
         cov += 1e-3 * torch.trace(cov) / cov.shape[0] * torch.eye(cov.shape[0], dtype=cov.dtype)
         chol = torch.linalg.cholesky(torch.linalg.inv(cov)).float()  # P = L L^T: d^2 = |(w - mean) L|^2
         mean = mean.float()
-        white = {key: [0.5 * ((windows(m, k) - mean) @ chol).pow(2).sum(1).reshape(m.shape) for m in v]
+        white = {key: [0.5 * ((Whitening.windows(m, k) - mean) @ chol).pow(2).sum(1).reshape(m.shape) for m in v]
                  for key, v in signed.items()}
         results[f"white{k}"] = image_scores(white)
         row(f"whitened signed residual, {k}x{k}", results[f"white{k}"])

@@ -9,7 +9,9 @@ calibrate, evaluate) still sees (N,) patch scores; the head's parameters live in
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,8 @@ from edge_agent.patches import PatchGrid
 # Position statistics are kept at 1/POSITION_SCALE of the frame's resolution: they vary on the scale of the
 # blur and the part's features, not pixel by pixel, and the card stays small (640x480 -> 160x120).
 POSITION_SCALE = 4
+
+logger = logging.getLogger(__name__)
 
 
 def _regular(starts: tuple[int, ...], stride: int) -> int:
@@ -384,6 +388,23 @@ class Whitening:
         cov += shrink * torch.trace(cov) / (k * k) * torch.eye(k * k, dtype=torch.float64) + 1e-12 * torch.eye(k * k, dtype=torch.float64)
         chol = torch.linalg.cholesky(torch.linalg.inv(cov))
         return mean.numpy(), chol.numpy()
+
+    @staticmethod
+    def weighted(signed: list[torch.Tensor], map_image_scores: list[float], k: int) -> Whitening | None:
+        """Fitted on good images' folded signed residuals and put on the map's scale: weight = the median of the
+        map's image maxima (map_image_scores, the same images) over the whitened map's; None where no scale can
+        be set (train and combine then leave it out)."""
+        mean, chol = Whitening.fit(signed, k)
+        white = Whitening(k, mean.astype(np.float32), chol.astype(np.float32), 1.0, len(signed))
+        white_max = float(np.median([float(white.unweighted(s).max()) for s in signed]))
+        map_max = float(np.median(map_image_scores))
+        if not (white_max > 0 and map_max > 0 and math.isfinite(white_max) and math.isfinite(map_max)):
+            logger.warning("residual whitening left out: the medians of the map (%g) and the whitened map (%g) "
+                           "cannot put them on one scale", map_max, white_max)
+            return None
+        logger.info("residual whitening: %dx%d windows of %d good images; weight %.4g", k, k, len(signed),
+                    map_max / white_max)
+        return dataclasses.replace(white, weight=map_max / white_max)
 
     def card(self) -> dict[str, Any]:
         return {"window_px": self.window, "mean": _encode(self.mean), "chol": _encode(self.chol),

@@ -29,7 +29,7 @@ from torch import nn
 
 import edge_agent
 from edge_agent import artifact, calibrate
-from edge_agent.anomaly_map import LowSide, MapHead, PlaceStats, fold_mean, window_max
+from edge_agent.anomaly_map import LowSide, MapHead, PlaceStats, Whitening, fold_mean, window_max
 from edge_agent.errors import ConfigError, DataError, ModelError
 from edge_agent.evaluation import ImageResult, blank_frame_scores
 from edge_agent.images import file_hashes, fingerprint, fitted_files, list_images, read_image
@@ -318,9 +318,7 @@ def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: 
             bar.update(1)
     white = None
     if signed:
-        from edge_agent.train.fit import _fitted_whitening
-
-        white = _fitted_whitening(signed, [i.image_score(scorer.head_name) for i in images], whiten_window)
+        white = Whitening.weighted(signed, [i.image_score(scorer.head_name) for i in images], whiten_window)
         if white is not None:
             with_white = MapHead(0.0, white=white)
             for k, image in enumerate(images):

@@ -636,8 +636,8 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
             for k, image in enumerate(images):
                 image.scores[scorer.head_name] = head.scores_of_smoothed(image.grid, smooth[k]).numpy()
             if fit_white and signed:
-                white = _fitted_whitening(signed, [i.image_score(scorer.head_name) for i in images],
-                                          opts.whiten_window)
+                white = Whitening.weighted(signed, [i.image_score(scorer.head_name) for i in images],
+                                           opts.whiten_window)
                 if white is not None:
                     head = dataclasses.replace(head, white=white)
                     for k, image in enumerate(images):
@@ -692,24 +692,6 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
         return card
 
     return artifact.update_card(path, change, extras=head.extras() if head is not None else None)
-
-
-def _fitted_whitening(signed: list[torch.Tensor], map_image_scores: list[float], k: int) -> Any:
-    """anomaly_map.Whitening of the held-out images' folded signed residuals, weighted onto the map's scale (the
-    median image maximum of the map over that of the whitened map); None where no scale can be set."""
-    from edge_agent.anomaly_map import Whitening
-
-    mean, chol = Whitening.fit(signed, k)
-    white = Whitening(k, mean.astype(np.float32), chol.astype(np.float32), 1.0, len(signed))
-    white_max = float(np.median([float(white.unweighted(s).max()) for s in signed]))
-    map_max = float(np.median(map_image_scores))
-    if not (white_max > 0 and map_max > 0 and math.isfinite(white_max) and math.isfinite(map_max)):
-        logger.warning("residual whitening left out: the medians of the map (%g) and the whitened map (%g) cannot "
-                       "put them on one scale", map_max, white_max)
-        return None
-    logger.info("residual whitening: %dx%d windows of %d held-out images; weight %.4g", k, k, len(signed),
-                map_max / white_max)
-    return dataclasses.replace(white, weight=map_max / white_max)
 
 
 def _checked_place(train_codes: np.ndarray, held_codes: np.ndarray, mean: np.ndarray, chol: np.ndarray,
