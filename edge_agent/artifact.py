@@ -1,7 +1,9 @@
 """The model artifact: one TorchScript file with its model card (JSON) inside as an extra file.
 
 The card's checksum covers every entry of the archive (code, weights) and the card itself, so a
-truncated, corrupted or edited file is refused before torch reads it. Writes are atomic.
+truncated, corrupted or edited file is refused before torch reads it. The file seal (a SHA-256 of
+every byte before it, kept as the zip's comment) covers the rest: headers, padding, the directory,
+so any changed byte is refused, not only those that change what torch loads. Writes are atomic.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import struct
 import tempfile
 import zipfile
 import zlib
@@ -24,6 +27,14 @@ FORMAT = "edge-agent-model/1"
 # Entries whose bytes say nothing about the model: the card (hashed separately, without its checksum)
 # and torch's per-save id.
 _UNHASHED = {f"extra/{CARD_NAME}", ".data/serialization_id"}
+# What zipfile may raise on a damaged archive besides BadZipFile: a cut entry (EOFError), a bad deflate
+# stream (zlib.error), a name that is not UTF-8 (UnicodeDecodeError, a ValueError), an unknown
+# compression method (NotImplementedError), a short header (struct.error), a size past any int (OverflowError).
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, zlib.error, struct.error,
+               NotImplementedError, KeyError, OverflowError)
+_EOCD = b"PK\x05\x06"  # end of central directory record: 22 bytes + comment; its last 2 bytes are the comment length
+_SEAL = b"edge-agent-seal sha256:"
+_SEAL_LEN = len(_SEAL) + 64
 
 
 def _relname(name: str) -> str:
@@ -48,6 +59,36 @@ def _digest(zf: zipfile.ZipFile, card: dict[str, Any]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def _seal(data: bytes) -> bytes:
+    """The archive with its file seal as the zip comment: sha256 of every byte before the seal, the comment
+    length included. Zip readers (torch's miniz, Python's zipfile) skip the comment."""
+    if data[-22:-18] != _EOCD or data[-2:] != b"\0\0":
+        raise RuntimeError("torch wrote an archive that does not end in a comment-less end record; cannot seal it")
+    body = data[:-2] + struct.pack("<H", _SEAL_LEN)
+    return body + _SEAL + hashlib.sha256(body).hexdigest().encode()
+
+
+def check_seal(path: Path, data: bytes) -> bool:
+    """True when the file's seal holds; False for an unsealed file from an older edge-agent that ends as torch
+    wrote it (its card checksum still covers the entries); ModelError when the seal fails or the end is damaged."""
+    tail = data[-_SEAL_LEN:]
+    if tail.startswith(_SEAL):
+        body = data[:-_SEAL_LEN]
+        if hashlib.sha256(body).hexdigest().encode() != tail[len(_SEAL):]:
+            raise ModelError(f"{path} failed its file seal: some byte of the file changed since it was written "
+                             "(disk or copy corruption, or an edit); restore it or re-export it")
+        if body[-22:-18] != _EOCD:
+            raise ModelError(f"{path} is sealed but not a model archive; restore it or re-export it")
+        return True
+    if data[-22:-18] == _EOCD and data[-2:] == b"\0\0":
+        return False
+    if _EOCD not in data[-(22 + 65535):]:
+        raise ModelError(f"{path} is not a readable edge-agent model (no zip end record); the file is truncated or "
+                         "not a model: re-export it")
+    raise ModelError(f"{path}: the end of the file is damaged (truncated, cut or appended to); "
+                     "restore it or re-export it")
+
+
 def read_bytes(path: Path) -> bytes:
     """The model file's bytes, read once: verification and loading both use these, so an atomic
     replace of the file between the two cannot pair one file's checksum with another's weights."""
@@ -67,7 +108,7 @@ def read_bytes(path: Path) -> bytes:
 def _read_zip(path: Path, data: bytes) -> tuple[zipfile.ZipFile, dict[str, Any]]:
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, OSError) as e:
+    except _ZIP_ERRORS as e:
         raise ModelError(
             f"{path} is not a readable edge-agent model ({e}); the file is truncated or not a model: re-export it"
         ) from None
@@ -77,7 +118,7 @@ def _read_zip(path: Path, data: bytes) -> tuple[zipfile.ZipFile, dict[str, Any]]
         raise ModelError(f"{path} has no model card; it was not exported by edge-agent: export it with `edge-agent train`")
     try:
         card = json.loads(zf.read(names[0]))
-    except (zipfile.BadZipFile, ValueError, OSError) as e:
+    except _ZIP_ERRORS as e:
         zf.close()
         raise ModelError(f"{path}: its model card is unreadable ({e}); the file is corrupted: re-export it") from None
     if not isinstance(card, dict) or card.get("format") != FORMAT:
@@ -88,12 +129,14 @@ def _read_zip(path: Path, data: bytes) -> tuple[zipfile.ZipFile, dict[str, Any]]
 
 
 def verify_bytes(path: Path, data: bytes) -> dict[str, Any]:
-    """Check the checksum of a model file's bytes and return its card; ModelError with one line if it does not hold."""
+    """Check the seal and the checksum of a model file's bytes and return its card; ModelError with one line if
+    either does not hold."""
+    check_seal(path, data)
     zf, card = _read_zip(path, data)
     with zf:
         try:
             actual = _digest(zf, card)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+        except _ZIP_ERRORS as e:
             raise ModelError(f"{path} is corrupted ({e}); restore it or re-export it") from None
     if actual != card.get("checksum"):
         raise ModelError(
@@ -115,10 +158,13 @@ def _extras(path: Path, data: bytes) -> dict[str, bytes]:
     zf, _ = _read_zip(path, data)
     with zf:
         out = {}
-        for name in zf.namelist():
-            rel = _relname(name)
-            if rel.startswith("extra/") and rel != f"extra/{CARD_NAME}":
-                out[rel.removeprefix("extra/")] = zf.read(name)
+        try:
+            for name in zf.namelist():
+                rel = _relname(name)
+                if rel.startswith("extra/") and rel != f"extra/{CARD_NAME}":
+                    out[rel.removeprefix("extra/")] = zf.read(name)
+        except _ZIP_ERRORS as e:
+            raise ModelError(f"{path} is corrupted ({e}); restore it or re-export it") from None
         return out
 
 
@@ -164,7 +210,7 @@ def save(module, card: dict[str, Any], path: Path | str, extras: dict[str, bytes
         raise ValueError(f"{CARD_NAME} is the card's own entry")
     with zipfile.ZipFile(io.BytesIO(_save_bytes(module, card, extras))) as zf:
         card["checksum"] = _digest(zf, card)
-    data = _save_bytes(module, card, extras)
+    data = _seal(_save_bytes(module, card, extras))
     write_atomic(Path(path), data)
     return card
 

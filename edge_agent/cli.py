@@ -393,10 +393,15 @@ def synth(
 
 @app.command()
 def info(model: Model) -> None:
-    """Verify a model file's checksum and print its model card (JSON)."""
+    """Verify a model file's seal and checksum and print its model card (JSON)."""
     from edge_agent import artifact
 
-    typer.echo(json.dumps(artifact.verify(model), indent=2))
+    data = artifact.read_bytes(model)
+    card = artifact.verify_bytes(model, data)
+    if not artifact.check_seal(model, data):
+        typer.echo(f"{model}: no file seal (exported before it existed); its checksum holds. "
+                   "Rewriting the card (edge-agent calibrate) seals it.", err=True)
+    typer.echo(json.dumps(card, indent=2))
 
 
 Overrides = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key for this run: section.key=value (repeat).")]
