@@ -345,6 +345,15 @@ class PlaceStats:
 
 
 WHITEN_WINDOW = 5  # px; measured 3-15 (docs/RESULTS.md round 13): 5 best with the map on the 640x480 part, 5-9 alike on textures
+WHITE_PLACE_ENTRY = "white_place.npz"  # the archive entry that holds per-place whitening's arrays
+# Per-place whitening: one window Gaussian per cell of the frame (cell = the patch stride), fitted on the cell and
+# its 3 x 3 neighbours. Kept when held-out windows gain at least this many nats each over the one Gaussian.
+# Measured (docs/RESULTS.md round 14, cells of the stride, 3 x 3): fixtured parts 2.1 (640x480, P 96 S 16) and
+# 3.1 (128x128), where it paid (AUROC 0.993 -> 0.996, 0.987 -> 0.993); the bracket with +-4 px, +-3 degree
+# placement 1.3, where it cost recall at 1 % FRR; textures and photographed surfaces 0.00-0.04.
+WHITE_PLACE_MIN_GAIN = 1.5
+WHITE_PLACE_POOL = 3
+WHITE_PLACE_MAX_CELLS = 16384  # cells are doubled in size until the frame has at most this many (card size)
 
 
 @dataclass(frozen=True)
@@ -367,6 +376,17 @@ class Whitening:
     chol: np.ndarray
     weight: float
     images: int
+    # Per place (None: one Gaussian for the whole frame): cells of `cell` px over a frame of `frame` (H, W),
+    # place_mean (ch, cw, k^2) and place_chol (ch, cw, k^2, k^2), in the archive entry WHITE_PLACE_ENTRY.
+    cell: int = 0
+    frame: tuple[int, int] | None = None
+    place_mean: np.ndarray | None = None
+    place_chol: np.ndarray | None = None
+    place_check: dict[str, Any] | None = None  # what the per-place check measured (kept in the card either way)
+
+    @property
+    def per_place(self) -> bool:
+        return self.place_mean is not None
 
     @staticmethod
     def windows(signed: torch.Tensor, k: int) -> torch.Tensor:
@@ -390,12 +410,101 @@ class Whitening:
         return mean.numpy(), chol.numpy()
 
     @staticmethod
-    def weighted(signed: list[torch.Tensor], map_image_scores: list[float], k: int) -> Whitening | None:
+    def cell_windows(signed: torch.Tensor, k: int, cell: int) -> torch.Tensor:
+        """(H, W) -> (ch, cw, cell^2, k^2): each pixel's window, grouped by the cell of cell x cell px it lies in
+        (the frame's last cells filled by repeating its edge)."""
+        h, w = signed.shape
+        ch, cw, d = -(-h // cell), -(-w // cell), k * k
+        x = F.pad(signed.float()[None, None], (k // 2,) * 4, mode="reflect")
+        win = F.unfold(x, k).reshape(1, d, h, w)
+        win = F.pad(win, (0, cw * cell - w, 0, ch * cell - h), mode="replicate")[0]
+        return win.reshape(d, ch, cell, cw, cell).permute(1, 3, 2, 4, 0).reshape(ch, cw, cell * cell, d)
+
+    @staticmethod
+    def fit_places(signed: list[torch.Tensor], k: int, cell: int, pool: int = WHITE_PLACE_POOL,
+                   shrink: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+        """Good images' folded signed residuals -> per cell mean (ch, cw, k^2) and precision's Cholesky factor
+        (ch, cw, k^2, k^2), each cell's Gaussian fitted on the windows of its pool x pool neighbourhood."""
+        total = outer = None
+        n = 0
+        for image in signed:
+            win = Whitening.cell_windows(image.cpu(), k, cell).double()
+            total = win.sum(2) if total is None else total + win.sum(2)
+            part = win.transpose(2, 3) @ win
+            outer = part if outer is None else outer + part
+            n += win.shape[2]
+        ch, cw, d = total.shape
+
+        def box(t: torch.Tensor) -> torch.Tensor:  # the sum over each cell's pool x pool neighbours (edges repeated)
+            flat = t.reshape(ch, cw, -1).permute(2, 0, 1)[None]
+            return (F.avg_pool2d(F.pad(flat, (pool // 2,) * 4, mode="replicate"), pool, 1)[0]
+                    .permute(1, 2, 0).reshape(t.shape))
+
+        mean = box(total) / n
+        cov = box(outer) / n - mean[..., :, None] * mean[..., None, :]
+        eye = torch.eye(d, dtype=torch.float64)
+        cov = cov + (shrink * torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1)[..., None, None] + 1e-12) * eye
+        chol = torch.linalg.cholesky(torch.linalg.inv(cov))
+        return mean.numpy(), chol.numpy()
+
+    @staticmethod
+    def place_gain(signed: list[torch.Tensor], k: int, cell: int) -> float:
+        """Nats per window that good windows gain, on average, from their cell's Gaussian over the one Gaussian of
+        the frame, both fitted on the even images and measured on the odd ones. About 0 on a texture (the
+        cells' Gaussians are the frame's), a few nats on a fixtured part."""
+        fit, held = signed[0::2], signed[1::2]
+        g_mean, g_chol = (torch.from_numpy(v) for v in Whitening.fit(fit, k))
+        p_mean, p_chol = (torch.from_numpy(v) for v in Whitening.fit_places(fit, k, cell))
+        p_logdet = torch.log(torch.diagonal(p_chol, dim1=-2, dim2=-1)).sum(-1)  # (ch, cw)
+        g_logdet = float(torch.log(torch.diagonal(g_chol)).sum())
+        gains = []
+        for image in held:
+            win = Whitening.cell_windows(image.cpu(), k, cell).double()
+            ll_place = p_logdet[..., None] - 0.5 * ((win - p_mean[:, :, None]) @ p_chol).pow(2).sum(-1)
+            ll_global = g_logdet - 0.5 * ((win - g_mean) @ g_chol).pow(2).sum(-1)
+            gains.append(float((ll_place - ll_global).mean()))
+        return float(np.mean(gains))
+
+    @staticmethod
+    def cell_size(height: int, width: int, stride: int) -> int:
+        cell = max(1, stride)
+        while -(-height // cell) * -(-width // cell) > WHITE_PLACE_MAX_CELLS:
+            cell *= 2
+        return cell
+
+    @staticmethod
+    def weighted(signed: list[torch.Tensor], map_image_scores: list[float], k: int, stride: int = 0,
+                 min_gain: float = WHITE_PLACE_MIN_GAIN) -> Whitening | None:
         """Fitted on good images' folded signed residuals and put on the map's scale: weight = the median of the
         map's image maxima (map_image_scores, the same images) over the whitened map's; None where no scale can
-        be set (train and combine then leave it out)."""
+        be set (train and combine then leave it out).
+
+        stride > 0: also check per-place whitening (cells of the stride, Whitening.place_gain on the images'
+        halves) and use it when the gain is at least min_gain nats per window."""
         mean, chol = Whitening.fit(signed, k)
         white = Whitening(k, mean.astype(np.float32), chol.astype(np.float32), 1.0, len(signed))
+        if stride > 0:
+            h, w = (int(v) for v in signed[0].shape)
+            cell = Whitening.cell_size(h, w, stride)
+            check: dict[str, Any] = {"used": False, "cell_px": cell, "pool": WHITE_PLACE_POOL, "min_gain_nats": min_gain}
+            if len(signed) < 4:
+                check["why"] = f"{len(signed)} held-out images; the check needs >= 4"
+            elif any(tuple(s.shape) != (h, w) for s in signed):
+                check["why"] = "the held-out images differ in size"
+            else:
+                gain = Whitening.place_gain(signed, k, cell)
+                check["gain_nats_per_window"] = round(gain, 4)
+                if gain >= min_gain:
+                    p_mean, p_chol = Whitening.fit_places(signed, k, cell)
+                    white = dataclasses.replace(white, cell=cell, frame=(h, w), place_mean=p_mean.astype(np.float32),
+                                                place_chol=p_chol.astype(np.float32))
+                    check["used"] = True
+                else:
+                    check["why"] = (f"held-out windows gain {gain:.2f} nats each from their place's Gaussian, "
+                                    f"under {min_gain}: places do not differ enough")
+            logger.info("residual whitening per place (cells of %d px): %s", cell,
+                        "used" if check["used"] else f"not used: {check['why']}")
+            white = dataclasses.replace(white, place_check=check)
         white_max = float(np.median([float(white.unweighted(s).max()) for s in signed]))
         map_max = float(np.median(map_image_scores))
         if not (white_max > 0 and map_max > 0 and math.isfinite(white_max) and math.isfinite(map_max)):
@@ -406,14 +515,61 @@ class Whitening:
                     map_max / white_max)
         return dataclasses.replace(white, weight=map_max / white_max)
 
+    def extras(self) -> dict[str, bytes]:
+        """The archive entry of the per-place arrays (the Cholesky factors as their lower triangles)."""
+        if not self.per_place:
+            return {}
+        d = self.window * self.window
+        rows, cols = np.tril_indices(d)
+        buf = io.BytesIO()
+        np.savez(buf, mean=self.place_mean.astype(np.float32), chol=self.place_chol[..., rows, cols].astype(np.float32))
+        return {WHITE_PLACE_ENTRY: buf.getvalue()}
+
     def card(self) -> dict[str, Any]:
-        return {"window_px": self.window, "mean": _encode(self.mean), "chol": _encode(self.chol),
-                "weight": self.weight, "images": self.images,
-                "rule": "map = max(map, weight x 0.5 d^2), d the Mahalanobis distance of the k x k window of the "
-                        "signed residual (folded over overlapping patches) around each pixel from good windows"}
+        record = {"window_px": self.window, "mean": _encode(self.mean), "chol": _encode(self.chol),
+                  "weight": self.weight, "images": self.images,
+                  "rule": "map = max(map, weight x 0.5 d^2), d the Mahalanobis distance of the k x k window of the "
+                          "signed residual (folded over overlapping patches) around each pixel from good windows"
+                          + (" of the same place (the Gaussian of its cell)" if self.per_place else "")}
+        if self.per_place:
+            record["place"] = {"entry": WHITE_PLACE_ENTRY, "cell_px": self.cell, "frame": list(self.frame),
+                               "cells": list(self.place_mean.shape[:2]), "pool": WHITE_PLACE_POOL}
+        if self.place_check is not None:
+            record["place_check"] = self.place_check
+        return record
 
     @staticmethod
-    def from_card(record: dict[str, Any]) -> Whitening:
+    def from_card(record: dict[str, Any], extras: dict[str, bytes] | None = None) -> Whitening:
+        white = Whitening._global_from_card(record)
+        if record.get("place_check") is not None:
+            white = dataclasses.replace(white, place_check=dict(record["place_check"]))
+        place = record.get("place")
+        if not place:
+            return white
+        data = (extras or {}).get(str(place.get("entry")))
+        if data is None:
+            raise ModelError(f"the model card's per-place whitening needs the archive entry {place.get('entry')!r}, "
+                             "which the file lacks; retrain the model")
+        try:
+            d = white.window * white.window
+            ch, cw = (int(v) for v in place["cells"])
+            h, w = (int(v) for v in place["frame"])
+            cell = int(place["cell_px"])
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                mean, tri = z["mean"], z["chol"]
+            chol = np.zeros((ch, cw, d, d), np.float32)
+            rows, cols = np.tril_indices(d)
+            chol[..., rows, cols] = tri.reshape(ch, cw, -1)
+            mean = mean.reshape(ch, cw, d)
+        except (KeyError, TypeError, ValueError, OSError) as e:
+            raise ModelError(f"the model card's per-place whitening is unreadable ({e}); retrain the model") from None
+        if (cell < 1 or -(-h // cell) != ch or -(-w // cell) != cw or not np.isfinite(mean).all()
+                or not np.isfinite(chol).all()):
+            raise ModelError("the model card's per-place whitening is malformed; retrain the model")
+        return dataclasses.replace(white, cell=cell, frame=(h, w), place_mean=mean, place_chol=chol)
+
+    @staticmethod
+    def _global_from_card(record: dict[str, Any]) -> Whitening:
         try:
             k = int(record["window_px"])
             white = Whitening(k, _decode(record["mean"]).reshape(k * k), _decode(record["chol"]).reshape(k * k, k * k),
@@ -433,8 +589,23 @@ class Whitening:
         bias = -(torch.from_numpy(np.asarray(self.mean, np.float32)) @ chol)
         return weight.to(device), bias.to(device)
 
+    def place_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.from_numpy(np.asarray(self.place_mean, np.float32)).to(device),
+                torch.from_numpy(np.asarray(self.place_chol, np.float32)).to(device))
+
     def unweighted(self, signed: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """(H, W) folded signed residual -> (H, W) 0.5 d^2 of the window around each pixel, float32."""
+        if self.per_place:
+            h, w = signed.shape
+            if (h, w) != tuple(self.frame):
+                raise ModelError(f"the frame is {w}x{h} but the per-place whitening holds places of a "
+                                 f"{self.frame[1]}x{self.frame[0]} frame: score frames of the size the model was "
+                                 "trained on")
+            mean, chol = _cached(cache, ("white_place", signed.device), lambda: self.place_tensors(signed.device))
+            win = Whitening.cell_windows(signed, self.window, self.cell)
+            z = 0.5 * ((win - mean[:, :, None]) @ chol).pow(2).sum(-1)  # (ch, cw, cell^2)
+            ch, cw = z.shape[:2]
+            return z.reshape(ch, cw, self.cell, self.cell).permute(0, 2, 1, 3).reshape(ch * self.cell, cw * self.cell)[:h, :w]
         weight, bias = _cached(cache, ("white", signed.device), lambda: self.filters(signed.device))
         x = F.pad(signed.float()[None, None], (self.window // 2,) * 4, mode="reflect")
         return 0.5 * F.conv2d(x, weight, bias)[0].pow(2).sum(0)
@@ -465,7 +636,7 @@ class MapHead:
         return MapHead(float(record.get("blur_sigma_px", 0.0)), PositionStats.from_card(position) if position else None,
                        LowSide.from_card(low) if low else None,
                        PlaceStats.from_card(place, extras or {}) if place else None,
-                       Whitening.from_card(white) if white else None)
+                       Whitening.from_card(white, extras) if white else None)
 
     def card(self) -> dict[str, Any]:
         return {"source": "pixel_map", "fold": "mean over overlapping patches", "blur_sigma_px": self.sigma_px,
@@ -482,7 +653,7 @@ class MapHead:
 
     def extras(self) -> dict[str, bytes]:
         """The archive entries this head needs next to the card."""
-        return {PLACE_ENTRY: self.place.blob()} if self.place else {}
+        return {**({PLACE_ENTRY: self.place.blob()} if self.place else {}), **(self.white.extras() if self.white else {})}
 
     def smoothed(self, grid: PatchGrid, pixel_maps: torch.Tensor) -> torch.Tensor:
         """(N, P, P) -> (H, W): the fold mean, blurred; what PositionStats.fit takes."""

@@ -123,6 +123,9 @@ def train(
                                               "held-out images (catches 1-px scratches and fibres the pixel map "
                                               "misses).")] = True,
     whiten_window: Annotated[int, typer.Option(help="The whitened windows' side k in px (odd).")] = 5,
+    whiten_place: Annotated[bool, typer.Option(help="With --whiten: one window Gaussian per place (cells of the "
+                                                    "stride), kept only when held-out windows show that places "
+                                                    "differ (fixtured parts, not textures).")] = True,
     target_frr: Annotated[float, typer.Option(help="False-reject rate the initial threshold aims at.")] = 0.01,
     beta_nll: Annotated[float, typer.Option(help="VAE: weight each pixel's NLL by sigma_x^(2 beta) in training "
                                                  "(beta-NLL; 0 = the plain ELBO).")] = 0.0,
@@ -172,6 +175,7 @@ def train(
                         early_stop=early_stop, anomaly_map=anomaly_map, blur_sigma=blur_sigma,
                         position_stats=position_stats, texture_loss=texture_loss, place_score=place_score,
                         place_min_gain=place_min_gain, whiten=whiten, whiten_window=whiten_window,
+                        whiten_place=whiten_place,
                         target_frr=target_frr,
                         beta_nll=beta_nll, latent=latent)
     card = fit(data_dir, out, opts)
@@ -348,12 +352,16 @@ def combine(
     name: Annotated[Optional[str], typer.Option(help="Model id in the card (default: the file name).")] = None,
     texture_loss: Annotated[bool, typer.Option(help="The combined map score also flags a patch far below every "
                                                     "good patch (as train does).")] = True,
+    whiten_place: Annotated[bool, typer.Option(help="Where the first model whitens its residual: check one window "
+                                                    "Gaussian per place too, kept only where places differ (as "
+                                                    "train does).")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Combine models into one: each one's anomaly map on a common scale, the pixelwise maximum (docs/RESULTS.md)."""
     from edge_agent.combine import combine as run_combine
 
-    card = run_combine(models, out, good, scale_images, target_frr, confidence, not quiet, name, texture_loss)
+    card = run_combine(models, out, good, scale_images, target_frr, confidence, not quiet, name, texture_loss,
+                       whiten_place)
     th = card["thresholds"][card["scores"]["default"]]
     members = ", ".join(f"{m['file']} x {m['scale']:.4g}" for m in card["architecture"]["members"])
     typer.echo(f"wrote {out}: {len(models)} models combined ({members}); threshold {card['scores']['default']} = "

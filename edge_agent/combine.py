@@ -29,7 +29,7 @@ from torch import nn
 
 import edge_agent
 from edge_agent import artifact, calibrate
-from edge_agent.anomaly_map import LowSide, MapHead, PlaceStats, Whitening, fold_mean, window_max
+from edge_agent.anomaly_map import WHITE_PLACE_ENTRY, LowSide, MapHead, PlaceStats, Whitening, fold_mean, window_max
 from edge_agent.errors import ConfigError, DataError, ModelError
 from edge_agent.evaluation import ImageResult, blank_frame_scores
 from edge_agent.images import file_hashes, fingerprint, fitted_files, list_images, read_image
@@ -194,8 +194,9 @@ def _member_record(path: Path, card: dict[str, Any], scale: float, maxima: list[
 
 def combine(paths: list[Path], out: Path, good: Path | None = None, scale_images: int = SCALE_IMAGES,
             target_frr: float = 0.01, confidence: float = 0.95, progress: bool = True,
-            name: str | None = None, texture_loss: bool = True) -> dict[str, Any]:
-    """Write the combined artifact and set its threshold; returns its card.
+            name: str | None = None, texture_loss: bool = True, whiten_place: bool = True) -> dict[str, Any]:
+    """Write the combined artifact and set its threshold; returns its card. whiten_place: where the first member
+    whitens its residual, check per-place whitening too (kept by Whitening.weighted's rule).
 
     The good images (--good, default: the ones every member held out of training) are split alternately:
     even ones (at most scale_images) fit the scales, the rest set the threshold by the good-only FRR
@@ -236,6 +237,7 @@ def combine(paths: list[Path], out: Path, good: Path | None = None, scale_images
     # The first member's residual whitening is refitted on the threshold images (set_threshold) with its window.
     white = (cards[0].get("anomaly_map") or {}).get("white")
     window = int(white["window_px"]) if white and hasattr(members[0][0], "pixel_map_residual") else None
+    white_place = bool(window) and whiten_place
     ensemble = EnsembleWithResidual if window else EnsembleWithCode if place is not None else Ensemble
     module = torch.jit.script(ensemble([m for m, _ in members], scales, raw))
 
@@ -277,14 +279,15 @@ def combine(paths: list[Path], out: Path, good: Path | None = None, scale_images
                      "python": platform.python_version()},
     }
     artifact.save(module, card, out, MapHead(0.0, place=place).extras())
-    return set_threshold(out, threshold_files, target_frr, confidence, progress, texture_loss, window)
+    return set_threshold(out, threshold_files, target_frr, confidence, progress, texture_loss, window, white_place)
 
 
 def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: float,
-                  progress: bool = True, texture_loss: bool = True, whiten_window: int | None = None) -> dict[str, Any]:
+                  progress: bool = True, texture_loss: bool = True, whiten_window: int | None = None,
+                  whiten_place: bool = False) -> dict[str, Any]:
     """Every score's threshold by the good-only FRR method on `files`, written into the card; with a place score
     (the first member's) its weight is refitted here first: median image maximum of the combined map over that
-    of the place distance, as train sets it."""
+    of the place distance, as train sets it. whiten_place: check per-place whitening (Whitening.weighted)."""
     from edge_agent.scoring import Scorer
     from edge_agent.train.fit import quantiles
 
@@ -318,7 +321,8 @@ def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: 
             bar.update(1)
     white = None
     if signed:
-        white = Whitening.weighted(signed, [i.image_score(scorer.head_name) for i in images], whiten_window)
+        white = Whitening.weighted(signed, [i.image_score(scorer.head_name) for i in images], whiten_window,
+                                   stride=images[0].grid.stride if whiten_place else 0)
         if white is not None:
             with_white = MapHead(0.0, white=white)
             for k, image in enumerate(images):
@@ -359,4 +363,5 @@ def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: 
             card["thresholds"][k] = entry
         return card
 
-    return artifact.update_card(path, change, extras=MapHead(0.0, place=place).extras())
+    return artifact.update_card(path, change, extras={WHITE_PLACE_ENTRY: None,
+                                                      **MapHead(0.0, place=place, white=white).extras()})

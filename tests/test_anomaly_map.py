@@ -256,7 +256,7 @@ def test_scorer_head_equals_the_hand_pipeline(held_out_model):
     fast = Scorer(model, device="cpu")
     eager = Scorer(model, device="cpu", fast=False)
     grid, patches = fast.patches(image)
-    head = MapHead.from_card(fast.card)
+    head = fast.head  # the card's head with its archive entries (per-place whitening)
     maps, residuals, _ = eager.module.pixel_map_residual(patches)
     want = head.patch_scores(grid, maps.detach(), residuals=residuals.detach())
     np.testing.assert_allclose(eager.score_frame(grid, patches), want.numpy(), rtol=1e-5)

@@ -95,6 +95,7 @@ class TrainOptions:
     # vae/ae: also score the shape of the signed residual (anomaly_map.Whitening), fitted on the held-out images.
     whiten: bool = True
     whiten_window: int = 5  # px (anomaly_map.WHITEN_WINDOW)
+    whiten_place: bool = True  # check per-place whitening, kept where places differ (anomaly_map.WHITE_PLACE_MIN_GAIN)
     target_frr: float = 0.01
     confidence: float = 0.95
     extra_card: dict[str, Any] = field(default_factory=dict)
@@ -637,7 +638,7 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
                 image.scores[scorer.head_name] = head.scores_of_smoothed(image.grid, smooth[k]).numpy()
             if fit_white and signed:
                 white = Whitening.weighted(signed, [i.image_score(scorer.head_name) for i in images],
-                                           opts.whiten_window)
+                                           opts.whiten_window, stride=grids[0].stride if opts.whiten_place else 0)
                 if white is not None:
                     head = dataclasses.replace(head, white=white)
                     for k, image in enumerate(images):
