@@ -448,13 +448,13 @@ class Whitening:
         return mean.numpy(), chol.numpy()
 
     @staticmethod
-    def place_gain(signed: list[torch.Tensor], k: int, cell: int) -> float:
+    def place_gain(signed: list[torch.Tensor], k: int, cell: int, pool: int = WHITE_PLACE_POOL) -> float:
         """Nats per window that good windows gain, on average, from their cell's Gaussian over the one Gaussian of
         the frame, both fitted on the even images and measured on the odd ones. About 0 on a texture (the
         cells' Gaussians are the frame's), a few nats on a fixtured part."""
         fit, held = signed[0::2], signed[1::2]
         g_mean, g_chol = (torch.from_numpy(v) for v in Whitening.fit(fit, k))
-        p_mean, p_chol = (torch.from_numpy(v) for v in Whitening.fit_places(fit, k, cell))
+        p_mean, p_chol = (torch.from_numpy(v) for v in Whitening.fit_places(fit, k, cell, pool))
         p_logdet = torch.log(torch.diagonal(p_chol, dim1=-2, dim2=-1)).sum(-1)  # (ch, cw)
         g_logdet = float(torch.log(torch.diagonal(g_chol)).sum())
         gains = []
