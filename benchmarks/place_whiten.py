@@ -74,7 +74,7 @@ def main() -> None:
     k = white.window
     splits = subset.splits(a.data, a.calib, a.good, a.defect)
     if a.cache and a.cache.exists():
-        data = torch.load(a.cache)["data"]  # tensors only: the safe default loader reads it
+        data = torch.load(a.cache, weights_only=True)["data"]  # tensors only
         grid = scorer.grid(*data["c"][0][0].shape)
     else:
         grid, data = collect(scorer, splits)

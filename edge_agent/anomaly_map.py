@@ -129,6 +129,26 @@ def _decode(text: str) -> np.ndarray:
         raise ModelError(f"the model card's anomaly_map statistics are unreadable ({e}); retrain the model") from None
 
 
+def _pack_gaussians(mean: np.ndarray, chol: np.ndarray) -> bytes:
+    """Gaussians' means (..., D) and Cholesky factors (..., D, D) as an .npz archive entry, the factors as their
+    lower triangles (half the bytes)."""
+    rows, cols = np.tril_indices(chol.shape[-1])
+    buf = io.BytesIO()
+    np.savez(buf, mean=mean.astype(np.float32), chol=chol[..., rows, cols].astype(np.float32))
+    return buf.getvalue()
+
+
+def _unpack_gaussians(data: bytes, lead: tuple[int, ...], dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """_pack_gaussians' entry -> mean (*lead, dims), chol (*lead, dims, dims); ValueError/KeyError/OSError if the
+    entry does not hold that many."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        mean, tri = z["mean"], z["chol"]
+    chol = np.zeros((*lead, dims, dims), np.float32)
+    rows, cols = np.tril_indices(dims)
+    chol[..., rows, cols] = tri.reshape(*lead, -1)
+    return mean.reshape(*lead, dims), chol
+
+
 @dataclass(frozen=True)
 class PositionStats:
     """What good parts' smoothed maps show at each place: mean and spread, (h, w) at reduced resolution."""
@@ -303,10 +323,7 @@ class PlaceStats:
 
     def blob(self) -> bytes:
         """The arrays as an .npz (the Cholesky factors as their lower triangles: half the bytes)."""
-        rows, cols = np.tril_indices(self.dims)
-        buf = io.BytesIO()
-        np.savez(buf, mean=self.mean.astype(np.float32), chol=self.chol[:, rows, cols].astype(np.float32))
-        return buf.getvalue()
+        return _pack_gaussians(self.mean, self.chol)
 
     @staticmethod
     def from_card(record: dict[str, Any], extras: dict[str, bytes]) -> PlaceStats:
@@ -315,13 +332,8 @@ class PlaceStats:
             raise ModelError(f"the model card's place score needs the archive entry {record.get('entry')!r}, which the "
                              "file lacks; retrain the model")
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                mean, tri = z["mean"], z["chol"]
-            cells, dims = int(record["cells"]), int(record["dims"])
-            chol = np.zeros((cells, dims, dims), np.float32)
-            rows, cols = np.tril_indices(dims)
-            chol[:, rows, cols] = tri
-            place = PlaceStats(mean.reshape(cells, dims), chol, float(record["weight"]), int(record.get("images", 0)),
+            mean, chol = _unpack_gaussians(data, (int(record["cells"]),), int(record["dims"]))
+            place = PlaceStats(mean, chol, float(record["weight"]), int(record.get("images", 0)),
                                float(record.get("shrink", 0.0)), float(record.get("gain_nats", math.nan)))
         except (KeyError, TypeError, ValueError, OSError) as e:
             raise ModelError(f"the model card's place statistics are unreadable ({e}); retrain the model") from None
@@ -517,13 +529,7 @@ class Whitening:
 
     def extras(self) -> dict[str, bytes]:
         """The archive entry of the per-place arrays (the Cholesky factors as their lower triangles)."""
-        if not self.per_place:
-            return {}
-        d = self.window * self.window
-        rows, cols = np.tril_indices(d)
-        buf = io.BytesIO()
-        np.savez(buf, mean=self.place_mean.astype(np.float32), chol=self.place_chol[..., rows, cols].astype(np.float32))
-        return {WHITE_PLACE_ENTRY: buf.getvalue()}
+        return {WHITE_PLACE_ENTRY: _pack_gaussians(self.place_mean, self.place_chol)} if self.per_place else {}
 
     def card(self) -> dict[str, Any]:
         record = {"window_px": self.window, "mean": _encode(self.mean), "chol": _encode(self.chol),
@@ -551,16 +557,10 @@ class Whitening:
             raise ModelError(f"the model card's per-place whitening needs the archive entry {place.get('entry')!r}, "
                              "which the file lacks; retrain the model")
         try:
-            d = white.window * white.window
             ch, cw = (int(v) for v in place["cells"])
             h, w = (int(v) for v in place["frame"])
             cell = int(place["cell_px"])
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                mean, tri = z["mean"], z["chol"]
-            chol = np.zeros((ch, cw, d, d), np.float32)
-            rows, cols = np.tril_indices(d)
-            chol[..., rows, cols] = tri.reshape(ch, cw, -1)
-            mean = mean.reshape(ch, cw, d)
+            mean, chol = _unpack_gaussians(data, (ch, cw), white.window * white.window)
         except (KeyError, TypeError, ValueError, OSError) as e:
             raise ModelError(f"the model card's per-place whitening is unreadable ({e}); retrain the model") from None
         if (cell < 1 or -(-h // cell) != ch or -(-w // cell) != cw or not np.isfinite(mean).all()
