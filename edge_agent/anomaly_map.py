@@ -366,6 +366,14 @@ WHITE_PLACE_ENTRY = "white_place.npz"  # the archive entry that holds per-place 
 WHITE_PLACE_MIN_GAIN = 1.5
 WHITE_PLACE_POOL = 3
 WHITE_PLACE_MAX_CELLS = 16384  # cells are doubled in size until the frame has at most this many (card size)
+# With cells, each cell's whitened map is also scaled so that every place raises false alarms alike (constant false
+# alarm rate): by (median over cells of Q) / Q_cell, Q_cell the WHITE_SCALE_QUANTILE of the good images' maxima in
+# the cells of its WHITE_SCALE_POOL x WHITE_SCALE_POOL neighbourhood. Without it the image maximum of a good part
+# comes from the few places whose edges move from part to part (a bore's rim), and the threshold with it.
+# Measured (docs/RESULTS.md round 15): pools 5-9 and quantiles 0.8-0.95 all gave goal 1's pair 0.97-0.985 recall
+# at the calibrated threshold (0.95 without); 5 and 0.9 were fixed before the single fc model was measured.
+WHITE_SCALE_POOL = 5
+WHITE_SCALE_QUANTILE = 0.9
 
 
 @dataclass(frozen=True)
@@ -395,6 +403,7 @@ class Whitening:
     place_mean: np.ndarray | None = None
     place_chol: np.ndarray | None = None
     place_check: dict[str, Any] | None = None  # what the per-place check measured (kept in the card either way)
+    place_scale: np.ndarray | None = None  # (ch, cw): each cell's factor on its whitened map (place_scales)
 
     @property
     def per_place(self) -> bool:
@@ -477,6 +486,23 @@ class Whitening:
             gains.append(float((ll_place - ll_global).mean()))
         return float(np.mean(gains))
 
+    def cell_maxima(self, signed: torch.Tensor) -> torch.Tensor:
+        """(H, W) folded signed residual -> (ch, cw): each cell's maximum of 0.5 d^2 before its scale (per place only)."""
+        return self._cell_distances(signed).amax(-1)
+
+    def place_scales(self, signed: list[torch.Tensor], pool: int = WHITE_SCALE_POOL,
+                     quantile: float = WHITE_SCALE_QUANTILE) -> np.ndarray:
+        """Good images' folded signed residuals -> (ch, cw) factors that give every place the same tail: per cell,
+        (median over cells of Q) / Q_cell, Q_cell the quantile of the images' cell maxima over the cell and its
+        pool x pool neighbours (edges repeated). Fitted without a scale (the cells' Gaussians as they are)."""
+        plain = dataclasses.replace(self, place_scale=None)
+        maxima = torch.stack([plain.cell_maxima(s.cpu().float()) for s in signed]).double()  # (n, ch, cw)
+        n, ch, cw = maxima.shape
+        padded = F.pad(maxima[:, None], (pool // 2,) * 4, mode="replicate")[:, 0]
+        sample = torch.cat([padded[:, i:i + ch, j:j + cw] for i in range(pool) for j in range(pool)])
+        q = torch.quantile(sample, quantile, dim=0).clamp_min(1e-12)
+        return (q.median() / q).numpy().astype(np.float32)
+
     @staticmethod
     def cell_size(height: int, width: int, stride: int) -> int:
         cell = max(1, stride)
@@ -510,7 +536,10 @@ class Whitening:
                     p_mean, p_chol = Whitening.fit_places(signed, k, cell)
                     white = dataclasses.replace(white, cell=cell, frame=(h, w), place_mean=p_mean.astype(np.float32),
                                                 place_chol=p_chol.astype(np.float32))
+                    white = dataclasses.replace(white, place_scale=white.place_scales(signed))
                     check["used"] = True
+                    check["scale_range"] = [round(float(white.place_scale.min()), 4),
+                                            round(float(white.place_scale.max()), 4)]
                 else:
                     check["why"] = (f"held-out windows gain {gain:.2f} nats each from their place's Gaussian, "
                                     f"under {min_gain}: places do not differ enough")
@@ -536,10 +565,16 @@ class Whitening:
                   "weight": self.weight, "images": self.images,
                   "rule": "map = max(map, weight x 0.5 d^2), d the Mahalanobis distance of the k x k window of the "
                           "signed residual (folded over overlapping patches) around each pixel from good windows"
-                          + (" of the same place (the Gaussian of its cell)" if self.per_place else "")}
+                          + (" of the same place (the Gaussian of its cell)" if self.per_place else "")
+                          + (", times its cell's scale" if self.place_scale is not None else "")}
         if self.per_place:
             record["place"] = {"entry": WHITE_PLACE_ENTRY, "cell_px": self.cell, "frame": list(self.frame),
                                "cells": list(self.place_mean.shape[:2]), "pool": WHITE_PLACE_POOL}
+            if self.place_scale is not None:
+                record["place"]["scale"] = {
+                    "values": _encode(self.place_scale), "pool": WHITE_SCALE_POOL, "quantile": WHITE_SCALE_QUANTILE,
+                    "rule": "each cell's map x (median over cells of Q) / Q_cell, Q_cell the quantile of good images' "
+                            "maxima in the cell's pool x pool neighbourhood: every place raises false alarms alike"}
         if self.place_check is not None:
             record["place_check"] = self.place_check
         return record
@@ -563,10 +598,17 @@ class Whitening:
             mean, chol = _unpack_gaussians(data, (ch, cw), white.window * white.window)
         except (KeyError, TypeError, ValueError, OSError) as e:
             raise ModelError(f"the model card's per-place whitening is unreadable ({e}); retrain the model") from None
+        scale = None
+        if place.get("scale") is not None:
+            try:
+                scale = _decode(place["scale"]["values"])
+            except (KeyError, TypeError) as e:
+                raise ModelError(f"the model card's per-place whitening scale is unreadable ({e}); retrain the model") from None
         if (cell < 1 or -(-h // cell) != ch or -(-w // cell) != cw or not np.isfinite(mean).all()
-                or not np.isfinite(chol).all()):
+                or not np.isfinite(chol).all()
+                or (scale is not None and (scale.shape != (ch, cw) or not np.isfinite(scale).all() or (scale <= 0).any()))):
             raise ModelError("the model card's per-place whitening is malformed; retrain the model")
-        return dataclasses.replace(white, cell=cell, frame=(h, w), place_mean=mean, place_chol=chol)
+        return dataclasses.replace(white, cell=cell, frame=(h, w), place_mean=mean, place_chol=chol, place_scale=scale)
 
     @staticmethod
     def _global_from_card(record: dict[str, Any]) -> Whitening:
@@ -593,17 +635,27 @@ class Whitening:
         return (torch.from_numpy(np.asarray(self.place_mean, np.float32)).to(device),
                 torch.from_numpy(np.asarray(self.place_chol, np.float32)).to(device))
 
+    def _cell_distances(self, signed: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """(H, W) folded signed residual -> (ch, cw, cell^2) 0.5 d^2 of each pixel's window from its cell's Gaussian
+        (per place only; the frame's last cells padded by repeating its edge)."""
+        h, w = signed.shape
+        if (h, w) != tuple(self.frame):
+            raise ModelError(f"the frame is {w}x{h} but the per-place whitening holds places of a "
+                             f"{self.frame[1]}x{self.frame[0]} frame: score frames of the size the model was "
+                             "trained on")
+        mean, chol = _cached(cache, ("white_place", signed.device), lambda: self.place_tensors(signed.device))
+        win = Whitening.cell_windows(signed, self.window, self.cell)
+        return 0.5 * ((win - mean[:, :, None]) @ chol).pow(2).sum(-1)
+
     def unweighted(self, signed: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """(H, W) folded signed residual -> (H, W) 0.5 d^2 of the window around each pixel, float32."""
         if self.per_place:
             h, w = signed.shape
-            if (h, w) != tuple(self.frame):
-                raise ModelError(f"the frame is {w}x{h} but the per-place whitening holds places of a "
-                                 f"{self.frame[1]}x{self.frame[0]} frame: score frames of the size the model was "
-                                 "trained on")
-            mean, chol = _cached(cache, ("white_place", signed.device), lambda: self.place_tensors(signed.device))
-            win = Whitening.cell_windows(signed, self.window, self.cell)
-            z = 0.5 * ((win - mean[:, :, None]) @ chol).pow(2).sum(-1)  # (ch, cw, cell^2)
+            z = self._cell_distances(signed, cache)
+            if self.place_scale is not None:
+                scale = _cached(cache, ("white_scale", signed.device),
+                                lambda: torch.from_numpy(np.asarray(self.place_scale, np.float32)).to(signed.device))
+                z = z * scale[:, :, None]
             ch, cw = z.shape[:2]
             return z.reshape(ch, cw, self.cell, self.cell).permute(0, 2, 1, 3).reshape(ch * self.cell, cw * self.cell)[:h, :w]
         weight, bias = _cached(cache, ("white", signed.device), lambda: self.filters(signed.device))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from edge_agent import artifact
-from edge_agent.anomaly_map import WHITE_PLACE_ENTRY, MapHead, Whitening
+from edge_agent.anomaly_map import WHITE_PLACE_ENTRY, MapHead, Whitening, _encode
 from edge_agent.errors import ModelError
 from edge_agent.train.fit import fit
 from tests.conftest import tiny_options
@@ -80,6 +80,70 @@ def test_fit_places_and_the_map_equal_the_hand_computation(shape, cell, k):
     np.testing.assert_allclose(white.map(torch.from_numpy(probe)).numpy(), want, rtol=2e-3, atol=2e-3)
 
 
+def test_place_scales_and_the_scaled_map_equal_the_hand_computation():
+    rng = np.random.default_rng(7)
+    goods = [two_grains(rng, 20, 30) for _ in range(6)]
+    k, cell, pool, q = 3, 8, 3, 0.75
+    mean, chol = Whitening.fit_places([torch.from_numpy(g) for g in goods], k, cell)
+    white = Whitening(k, np.zeros(k * k, np.float32), np.eye(k * k, dtype=np.float32), 1.0, 6, cell=cell,
+                      frame=(20, 30), place_mean=mean.astype(np.float32), place_chol=chol.astype(np.float32))
+    scale = white.place_scales([torch.from_numpy(g) for g in goods], pool, q)
+    want_mean, want_cov = hand_fit(goods, k, cell)
+    ch, cw = 3, 4
+    maxima = np.zeros((len(goods), ch, cw))
+    for n, g in enumerate(goods):
+        z = hand_map(g, k, cell, want_mean, want_cov)
+        for cy in range(ch):
+            for cx in range(cw):
+                maxima[n, cy, cx] = z[cy * cell:(cy + 1) * cell, cx * cell:(cx + 1) * cell].max()
+    qc = np.zeros((ch, cw))
+    for cy in range(ch):
+        for cx in range(cw):
+            ys = [min(max(y, 0), ch - 1) for y in range(cy - 1, cy + 2)]
+            xs = [min(max(x, 0), cw - 1) for x in range(cx - 1, cx + 2)]
+            qc[cy, cx] = np.quantile([maxima[n, y, x] for n in range(len(goods)) for y in ys for x in xs], q)
+    lower_median = np.sort(qc.ravel())[(qc.size - 1) // 2]  # torch.median: the lower of the two middle values
+    np.testing.assert_allclose(scale, lower_median / qc, rtol=2e-3)
+    scaled = dataclasses.replace(white, place_scale=scale, weight=2.0)
+    probe = two_grains(rng, 20, 30)
+    per_pixel = np.repeat(np.repeat(scale, cell, 0), cell, 1)[:20, :30]
+    np.testing.assert_allclose(scaled.map(torch.from_numpy(probe)).numpy(),
+                               2.0 * per_pixel * hand_map(probe, k, cell, want_mean, want_cov), rtol=2e-3, atol=2e-3)
+
+
+def spiky(rng: np.random.Generator, h: int = 32, w: int = 64) -> np.ndarray:
+    """A fixtured part's good residual whose top-left corner (a moving edge) sometimes shows a large spike."""
+    x = rng.normal(0, 1, (h, w)).astype(np.float32)
+    if rng.random() < 0.5:
+        x[rng.integers(2, 14), rng.integers(2, 14)] += 9.0
+    return x
+
+
+def test_a_place_whose_good_parts_have_heavy_tails_is_scaled_down_and_defects_elsewhere_stand_out():
+    rng = np.random.default_rng(5)
+    goods = [torch.from_numpy(spiky(rng)) for _ in range(40)]
+    white = Whitening.weighted(goods, [1.0] * len(goods), 3, stride=8, min_gain=0.0)
+    assert white.per_place and white.place_scale.shape == (4, 8)
+    assert white.place_check["scale_range"] == [round(float(white.place_scale.min()), 4),
+                                                round(float(white.place_scale.max()), 4)]
+    assert white.place_scale[0, 0] < 0.85  # the spiky corner (measured 0.77)
+    assert np.all(np.abs(white.place_scale[:, 5:] - 1.0) < 0.06)  # places with a Gaussian tail keep about 1
+    tests = [spiky(rng) for _ in range(60)]
+    defects = []
+    for t in tests[30:]:
+        t = t.copy()
+        t[rng.integers(18, 30), rng.integers(36, 60)] += 6.0  # a spike where good parts have none
+        defects.append(t)
+
+    def separation(w):
+        good = [float(w.unweighted(torch.from_numpy(t)).max()) for t in tests[:30]]
+        bad = [float(w.unweighted(torch.from_numpy(t)).max()) for t in defects]
+        return np.mean([b > g for b in bad for g in good])
+
+    plain, scaled = separation(dataclasses.replace(white, place_scale=None)), separation(white)
+    assert scaled > plain + 0.05, (plain, scaled)  # measured 0.46 -> 0.56
+
+
 def test_places_that_differ_keep_it_and_a_line_that_is_normal_only_elsewhere_stands_out():
     rng = np.random.default_rng(0)
     goods = [torch.from_numpy(two_grains(rng, 32, 64)) for _ in range(12)]
@@ -131,6 +195,8 @@ def test_card_and_archive_round_trip_and_malformed_or_missing_entries():
     np.testing.assert_allclose(back.place_mean, white.place_mean)
     np.testing.assert_allclose(back.place_chol, white.place_chol)
     assert back.cell == 8 and back.frame == (24, 32) and back.place_check == white.place_check
+    np.testing.assert_allclose(back.place_scale, white.place_scale)
+    assert record["white"]["place"]["scale"]["pool"] == 5 and record["white"]["place"]["scale"]["quantile"] == 0.9
     probe = torch.from_numpy(two_grains(rng))
     np.testing.assert_allclose(back.map(probe).numpy(), white.map(probe).numpy(), rtol=1e-6)
     with pytest.raises(ModelError, match="lacks; retrain"):
@@ -138,6 +204,18 @@ def test_card_and_archive_round_trip_and_malformed_or_missing_entries():
     bad = {**record, "white": {**record["white"], "place": {**record["white"]["place"], "cells": [2, 4]}}}
     with pytest.raises(ModelError, match="retrain the model"):
         MapHead.from_card({"anomaly_map": bad}, extras)
+    for values in (np.ones((2, 4)), -np.ones((3, 4)), np.full((3, 4), np.nan)):
+        place = {**record["white"]["place"], "scale": {**record["white"]["place"]["scale"], "values": _encode(values)}}
+        with pytest.raises(ModelError, match="malformed; retrain the model"):
+            MapHead.from_card({"anomaly_map": {**record, "white": {**record["white"], "place": place}}}, extras)
+    place = {**record["white"]["place"], "scale": {"values": "not base64 of an array"}}
+    with pytest.raises(ModelError, match="retrain the model"):
+        MapHead.from_card({"anomaly_map": {**record, "white": {**record["white"], "place": place}}}, extras)
+    unscaled = {k: v for k, v in record["white"]["place"].items() if k != "scale"}  # a card from before the scale
+    old = MapHead.from_card({"anomaly_map": {**record, "white": {**record["white"], "place": unscaled}}}, extras).white
+    assert old.place_scale is None
+    np.testing.assert_allclose(old.map(probe).numpy(), dataclasses.replace(white, place_scale=None).map(probe).numpy(),
+                               rtol=1e-6)
     with pytest.raises(ModelError, match="frame is 40x24 but .* 32x24 frame"):
         white.map(torch.zeros(24, 40))
 
@@ -164,6 +242,8 @@ def test_train_records_the_check_and_the_scorer_scores_with_the_cells(fixtured_m
     assert check["cell_px"] == 16 and "gain_nats_per_window" in check
     _, _, extras = artifact.load_with_extras(model)
     assert (WHITE_PLACE_ENTRY in extras) == check["used"] == ("place" in card["anomaly_map"]["white"])
+    if check["used"]:  # cells come with their scales, fitted on the same held-out images
+        assert "scale" in card["anomaly_map"]["white"]["place"] and len(check["scale_range"]) == 2
     fast, eager = Scorer(model, device="cpu"), Scorer(model, device="cpu", fast=False)
     grid, patches = fast.patches(read_image(list_images(root / "test/defect")[0]))
     maps, residuals, _ = eager.maps_residuals(patches)
