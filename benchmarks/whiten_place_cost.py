@@ -1,4 +1,5 @@
-"""What per-place whitening costs per frame: one model with it, the same model with one Gaussian, interleaved.
+"""What per-place whitening costs per frame: one model with it, the same model with one Gaussian, and (where the card
+has them) without the cells' scales, interleaved.
 
     python benchmarks/whiten_place_cost.py MODEL IMAGE... [--rounds 4]
 
@@ -42,6 +43,16 @@ def main() -> None:
     artifact.update_card(tmp, drop, extras={WHITE_PLACE_ENTRY: None})
     scorers = {"per place": Scorer(a.model, device="cpu", precision="fp32"),
                "one Gaussian": Scorer(tmp, device="cpu", precision="fp32")}
+    if "scale" in artifact.verify(a.model)["anomaly_map"]["white"]["place"]:
+        unscaled = tmp.with_name("unscaled.pt")
+        shutil.copy(a.model, unscaled)
+
+        def unscale(card):
+            card["anomaly_map"]["white"]["place"].pop("scale")
+            return card
+
+        artifact.update_card(unscaled, unscale)
+        scorers["per place, no scales"] = Scorer(unscaled, device="cpu", precision="fp32")
     frames = [read_image(f) for f in a.images]
     total = {k: [] for k in scorers}
     head = {k: [] for k in scorers}

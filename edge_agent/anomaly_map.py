@@ -487,7 +487,7 @@ class Whitening:
         return float(np.mean(gains))
 
     def cell_maxima(self, signed: torch.Tensor) -> torch.Tensor:
-        """(H, W) folded signed residual -> (ch, cw): each cell's maximum of 0.5 d^2 before its scale (per place only)."""
+        """(H, W) folded signed residual -> (ch, cw): each cell's maximum of 0.5 d^2, times its scale if any (per place only)."""
         return self._cell_distances(signed).amax(-1)
 
     def place_scales(self, signed: list[torch.Tensor], pool: int = WHITE_SCALE_POOL,
@@ -632,8 +632,12 @@ class Whitening:
         return weight.to(device), bias.to(device)
 
     def place_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.from_numpy(np.asarray(self.place_mean, np.float32)).to(device),
-                torch.from_numpy(np.asarray(self.place_chol, np.float32)).to(device))
+        """The cells' means and Cholesky factors on the device, each factor times sqrt(its cell's scale): 0.5 d^2
+        comes out scaled at no cost per frame."""
+        chol = torch.from_numpy(np.asarray(self.place_chol, np.float32))
+        if self.place_scale is not None:
+            chol = chol * torch.from_numpy(np.sqrt(np.asarray(self.place_scale, np.float32)))[:, :, None, None]
+        return torch.from_numpy(np.asarray(self.place_mean, np.float32)).to(device), chol.to(device)
 
     def _cell_distances(self, signed: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         """(H, W) folded signed residual -> (ch, cw, cell^2) 0.5 d^2 of each pixel's window from its cell's Gaussian
@@ -651,11 +655,7 @@ class Whitening:
         """(H, W) folded signed residual -> (H, W) 0.5 d^2 of the window around each pixel, float32."""
         if self.per_place:
             h, w = signed.shape
-            z = self._cell_distances(signed, cache)
-            if self.place_scale is not None:
-                scale = _cached(cache, ("white_scale", signed.device),
-                                lambda: torch.from_numpy(np.asarray(self.place_scale, np.float32)).to(signed.device))
-                z = z * scale[:, :, None]
+            z = self._cell_distances(signed, cache)  # scaled by the cells' factors (place_tensors)
             ch, cw = z.shape[:2]
             return z.reshape(ch, cw, self.cell, self.cell).permute(0, 2, 1, 3).reshape(ch * self.cell, cw * self.cell)[:h, :w]
         weight, bias = _cached(cache, ("white", signed.device), lambda: self.filters(signed.device))
