@@ -280,5 +280,6 @@ def test_per_place_whitening_on_cuda_matches_cpu():
     rng = np.random.default_rng(3)
     goods = [torch.from_numpy(two_grains(rng)) for _ in range(8)]
     white = Whitening.weighted(goods, [1.0] * len(goods), 3, stride=8, min_gain=0.0)
+    assert white.place_scale is not None  # the cells' scales are folded into their factors on the device too
     probe = torch.from_numpy(two_grains(rng))
     np.testing.assert_allclose(white.map(probe.cuda()).cpu().numpy(), white.map(probe).numpy(), rtol=1e-3, atol=1e-3)
