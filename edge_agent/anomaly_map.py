@@ -487,7 +487,8 @@ class Whitening:
         return float(np.mean(gains))
 
     def cell_maxima(self, signed: torch.Tensor) -> torch.Tensor:
-        """(H, W) folded signed residual -> (ch, cw): each cell's maximum of 0.5 d^2, times its scale if any (per place only)."""
+        """(H, W) folded signed residual -> (ch, cw): each cell's maximum of 0.5 d^2, times its scale if any
+        (per place only)."""
         return self._cell_distances(signed).amax(-1)
 
     def place_scales(self, signed: list[torch.Tensor], pool: int = WHITE_SCALE_POOL,
@@ -497,7 +498,7 @@ class Whitening:
         pool x pool neighbours (edges repeated). Fitted without a scale (the cells' Gaussians as they are)."""
         plain = dataclasses.replace(self, place_scale=None)
         maxima = torch.stack([plain.cell_maxima(s.cpu().float()) for s in signed]).double()  # (n, ch, cw)
-        n, ch, cw = maxima.shape
+        ch, cw = maxima.shape[1:]
         padded = F.pad(maxima[:, None], (pool // 2,) * 4, mode="replicate")[:, 0]
         sample = torch.cat([padded[:, i:i + ch, j:j + cw] for i in range(pool) for j in range(pool)])
         q = torch.quantile(sample, quantile, dim=0).clamp_min(1e-12)
