@@ -106,6 +106,14 @@ def frr_rank(n: int, target_frr: float, confidence: float) -> int:
     return k
 
 
+def images_for_rank(k: int, target_frr: float, confidence: float, start: int = 1) -> int:
+    """The fewest good images (from start) for which the FRR method may take the k-th highest score."""
+    n = max(1, start)
+    while frr_rank(n, target_frr, confidence) < k:
+        n += 1
+    return n
+
+
 def confidence_for(exceedances: int, n: int, target_frr: float) -> float:
     """The confidence with which `exceedances` of n good images over the threshold show FRR <= target."""
     return 1.0 - binom_cdf(exceedances, n, target_frr)
@@ -209,6 +217,8 @@ def choose(good_scores, defect_scores=None, method: str = "frr", target_frr: flo
     if method in ("frr", "max-train"):
         entry.update({"n_min_for_target": n_min, "enough_good_images": n >= n_min,
                       "confidence_for_target_frr": confidence_for(exceedances, n, target_frr)})
+    if method == "frr":  # how many good images would let the method leave one more of them above the threshold
+        entry["n_for_next_rank"] = images_for_rank(k + 1, target_frr, confidence, start=n + 1)
     if defect.size:
         point = operating_point(np.r_[np.zeros(n), np.ones(defect.size)], np.r_[good, defect], value)
         entry.update({key: point[key] for key in ("precision", "recall", "f1", "miss_rate")})

@@ -135,6 +135,9 @@ def run_calibration(model: Path, good: Path, defect: Path | None = None, masks: 
     good_scores, defect_scores = scores[: len(good_files)], scores[len(good_files):]
     blank = blank_frame_scores(scorer, [name])[name]
     entry = calibrate.choose(good_scores, defect_scores, method, rate, target_recall, confidence, blank)
+    if entry["k"]:  # the good images at and just under the threshold: the parts an engineer should look at
+        top = np.argsort(-good_scores, kind="stable")[: min(entry["k"] + 2, 5)]
+        entry["highest_good"] = [{"image": _shown(good_files[i], good), "score": float(good_scores[i])} for i in top]
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     entry.update({
         "good_dir": str(good), "defect_dir": str(defect) if defect is not None else None,
@@ -173,6 +176,13 @@ def run_calibration(model: Path, good: Path, defect: Path | None = None, masks: 
     return "\n".join(lines)
 
 
+def _shown(path: Path, folder: Path) -> str:
+    try:
+        return str(path.relative_to(folder))
+    except ValueError:
+        return path.name
+
+
 def _headline(model: Path, name: str, entry: dict[str, Any], old: dict[str, Any] | None, dry_run: bool) -> str:
     was = f"{old['value']:.6g} ({old.get('method')})" if old else "none"
     rank = f", k={entry['k']} of {entry['n_good']} good images" if entry["k"] else ""
@@ -189,6 +199,15 @@ def _numbers(e: dict[str, Any]) -> list[str]:
         lines.append(f"  target FRR {e['target_frr']:g} at {pct:g} %: needs >= {e['n_min_for_target']} good images "
                      f"({enough}); confidence achieved for FRR <= {e['target_frr']:g}: "
                      f"{e['confidence_for_target_frr']:.3f}")
+    if e.get("highest_good"):
+        shown = ", ".join(f"{h['image']} {h['score']:.6g}" + (" (sets it)" if i == e["k"] - 1 else "")
+                          for i, h in enumerate(e["highest_good"]))
+        line = (f"  highest good images: {shown}; look at those at or over the threshold: a rare good part the "
+                "model finds unusual, or a defect among the good parts")
+        if e.get("n_for_next_rank"):
+            line += (f"; with >= {e['n_for_next_rank']} good images the method leaves {e['k']} of them over the "
+                     "threshold")
+        lines.append(line)
     if e.get("low"):
         lines.append(f"  low bound {e['low']['value']:.6g} ({e['low']['method']}: lowest good {e['low']['min']:.6g}, "
                      f"blank frame {e['low']['blank_score']:.6g}): a lower image score is ERROR, not a good part"

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_agent import artifact
+from edge_agent import artifact, calibrate
 from edge_agent.calibrate import (apply, binom_cdf, choose, frr_rank, frr_upper_bound, min_good_images,
                                   target_recall_threshold, youden_threshold)
 from edge_agent.cli import main
@@ -72,6 +72,15 @@ def test_frr_method_picks_the_kth_largest_score():
     assert e["good_over_threshold"] == 4 and e["observed_frr"] == 0.004
     assert e["frr_upper_bound"] <= 0.01 and e["enough_good_images"]
     assert e["confidence_for_target_frr"] >= 0.95
+
+
+@pytest.mark.parametrize("k,rate,confidence,want", [(1, 0.01, 0.95, 299), (2, 0.01, 0.95, 473), (3, 0.01, 0.95, 628),
+                                                     (2, 0.05, 0.95, 93)])
+def test_images_for_rank_is_the_fewest_that_allow_that_rank(k, rate, confidence, want):
+    n = calibrate.images_for_rank(k, rate, confidence)
+    assert n == want and calibrate.frr_rank(n, rate, confidence) >= k > calibrate.frr_rank(n - 1, rate, confidence)
+    entry = calibrate.choose(np.arange(float(n)), target_frr=rate, confidence=confidence)
+    assert entry["k"] == k and entry["n_for_next_rank"] == calibrate.images_for_rank(k + 1, rate, confidence)
 
 
 def test_exactly_n_min_images_give_the_max():
@@ -153,6 +162,13 @@ def test_calibrate_writes_card_and_history(capsys, model, station, tmp_path):
     assert len(entry["image_hashes"]) == 6 and entry["frr_upper_bound"] == pytest.approx(1 - 0.05 ** (1 / 6))
     assert card["calibration_history"] == [{"score": name, "replaced_at": entry["chosen_at"],
                                             **before["thresholds"][name]}]
+    # the parts at and just under the threshold are named, highest first, with how many images would drop one
+    top = entry["highest_good"]
+    assert len(top) == 3 and top[0]["score"] == entry["value"] and top[0]["score"] >= top[1]["score"] >= top[2]["score"]
+    assert all((station / "calib/good" / t["image"]).is_file() for t in top)
+    assert entry["n_for_next_rank"] == 473
+    assert f"highest good images: {top[0]['image']} {top[0]['score']:.6g} (sets it), {top[1]['image']}" in out
+    assert "with >= 473 good images the method leaves 1 of them over the threshold" in out
     report = tmp_path / "report"
     rc, out, err = run_cli(capsys, "calibrate", model, "--good", station / "calib/good", "--defect",
                            station / "test/defect", "--masks", station / "test/masks", "--method", "youden",
@@ -230,7 +246,7 @@ def test_failed_rename_leaves_the_old_model(capsys, model, station, monkeypatch)
 
 WRITER = """
 import os, sys, time
-from edge_agent import artifact
+from edge_agent import artifact, calibrate
 real_fsync = os.fsync
 def slow_fsync(fd):
     print("writing", flush=True)  # the new file is written, not yet renamed over the old one
