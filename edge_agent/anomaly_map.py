@@ -667,6 +667,225 @@ class Whitening:
         return self.weight * self.unweighted(signed, cache)
 
 
+SURFACE_TILE = 64  # px: the tiles the surface's power spectrum is measured on, and the filters' support
+# The defect shapes the surface filters look for, (kind, size px, angle degrees): a thin 9-px line at 12
+# angles (scratches, cracks, fibres) and a soft disc (stains, discolouration). Chosen on a texture set drawn
+# with its own seed (docs/RESULTS.md round 16): more disc sizes lowered it (each adds false alarms), 15-px
+# lines as well bought nothing there and doubled the filters' cost.
+SURFACE_SHAPES: tuple[tuple[str, float, float], ...] = (("disc", 8.0, 0.0),) + tuple(
+    ("line", 9.0, float(angle)) for angle in range(0, 180, 15))
+SURFACE_LINE_SIGMA = 0.6  # px: a line's blur (its width)
+SURFACE_DISC_SIGMA = 2.0  # px: a disc's soft edge
+SURFACE_MAX_GAIN = 1.5  # nats per window: frames whose places differ more than this are not a stationary surface
+
+
+def surface_template(kind: str, size: float, angle: float, tile: int) -> np.ndarray:
+    """(tile, tile) float64 shape centred at tile // 2: a line `size` px long at `angle` degrees, or a disc of
+    radius `size` px, both with soft edges."""
+    yy, xx = (np.mgrid[0:tile, 0:tile] - tile // 2).astype(np.float64)
+    if kind == "line":
+        a = math.radians(angle)
+        along, across = xx * math.cos(a) + yy * math.sin(a), -xx * math.sin(a) + yy * math.cos(a)
+        beyond = np.clip(np.abs(along) - size / 2, 0, None)
+        return np.exp(-(across ** 2 + beyond ** 2) / (2 * SURFACE_LINE_SIGMA ** 2))
+    if kind == "disc":
+        r = np.hypot(xx, yy)
+        return 0.5 * np.vectorize(math.erfc)((r - size) / (SURFACE_DISC_SIGMA * math.sqrt(2)))
+    raise ValueError(f"unknown surface filter shape {kind!r}")
+
+
+@dataclass(frozen=True)
+class SurfaceFilters:
+    """Whitened matched filters for a stationary surface (a texture with no fixed geometry): the frame itself,
+    not the model's residual, correlated with each defect shape of SURFACE_SHAPES after whitening by the good
+    surface's power spectrum S (kernel = IFFT(conj(T_hat) / S), the best linear detector of a known shape in
+    Gaussian grain), each response divided by its spread on good frames at the same distance from the frame's
+    edge (the frame is reflected there, which leaves a crease the filters see), |z| taken.
+
+    A model of patches pays for every direction of the patch space; a faint stain or a long thin fibre is one
+    direction, which these filters look along. Per pixel: max over groups (lines, discs) of weight x max |z| in
+    the group, the weight putting each group's median image maximum on the map's (as Whitening does); the
+    head takes it where it is larger. Only for frames whose places do not differ (a good-only check on the raw
+    frames, Whitening.place_gain < SURFACE_MAX_GAIN): on a fixtured part the part's own edges would fire.
+    Per frame: one FFT of the frame and one inverse per shape, kernels transformed once per frame size.
+    """
+
+    tile: int
+    spectrum: np.ndarray  # (tile, tile) power per pixel of the good surface (mean-free, Hann-windowed tiles)
+    shapes: tuple[tuple[str, float, float], ...]
+    spread: np.ndarray  # (K, tile // 2 + 1) each filter's response spread on good frames by distance to the edge
+    weights: dict[str, float]  # group (shape kind) -> weight
+    images: int
+
+    @staticmethod
+    def frame_of(grid: PatchGrid, patches: torch.Tensor) -> torch.Tensor:
+        """(N, C, P, P) patches of one frame -> (H, W) float32 frame (channels averaged)."""
+        return fold_mean(grid, patches.float().mean(1))
+
+    @staticmethod
+    def tile_for(height: int, width: int) -> int:
+        return min(SURFACE_TILE, (min(height, width) // 2) * 2)
+
+    @staticmethod
+    def measure_spectrum(frames: list[torch.Tensor], tile: int) -> np.ndarray:
+        hann = np.outer(np.hanning(tile), np.hanning(tile))
+        total, n = np.zeros((tile, tile)), 0
+        for frame in frames:
+            x = frame.detach().cpu().double().numpy()
+            h, w = x.shape
+            for y0 in range(0, h - tile + 1, tile // 2):
+                for x0 in range(0, w - tile + 1, tile // 2):
+                    t = x[y0:y0 + tile, x0:x0 + tile]
+                    total += np.abs(np.fft.fft2((t - t.mean()) * hann)) ** 2
+                    n += 1
+        s = total / (n * (hann ** 2).sum())
+        return (s + 1e-6 * s.mean() + 1e-12).astype(np.float32)
+
+    def kernels(self) -> np.ndarray:
+        """(K, tile, tile) float32 spatial filters, centred at tile // 2."""
+        s = np.asarray(self.spectrum, np.float64)
+        out = []
+        for kind, size, angle in self.shapes:
+            t = np.fft.fft2(np.fft.ifftshift(surface_template(kind, size, angle, self.tile)))
+            h = np.conj(t) / s
+            h[0, 0] = 0.0  # the frame's mean level is lighting and gain, not a defect
+            out.append(np.fft.fftshift(np.real(np.fft.ifft2(h))))
+        return np.stack(out).astype(np.float32)
+
+    def _kernel_hats(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        t = self.tile
+        k = torch.zeros(len(self.shapes), height + t, width + t, dtype=torch.float32)
+        k[:, :t, :t] = torch.from_numpy(self.kernels())
+        k = torch.roll(k, (-(t // 2), -(t // 2)), dims=(1, 2))
+        return torch.fft.rfft2(k).to(device)
+
+    @staticmethod
+    def edge_distance(height: int, width: int, tile: int) -> torch.Tensor:
+        """(H, W) long: each pixel's distance in px to the nearest edge of the frame, at most tile // 2."""
+        y = torch.arange(height)
+        x = torch.arange(width)
+        dy = torch.minimum(y, height - 1 - y)[:, None]
+        dx = torch.minimum(x, width - 1 - x)[None, :]
+        return torch.minimum(dy, dx).clamp_max(tile // 2)
+
+    def responses(self, frame: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """(H, W) frame -> (K, H, W) each filter's response (the frame reflected at its edges)."""
+        h, w = frame.shape
+        t = self.tile
+        hats = _cached(cache, ("surface", h, w, frame.device), lambda: self._kernel_hats(h, w, frame.device))
+        x = F.pad(frame.float()[None, None], (t // 2, t - t // 2, t // 2, t - t // 2), mode="reflect")[0, 0]
+        r = torch.fft.irfft2(torch.fft.rfft2(x)[None] * hats, s=x.shape)
+        return r[:, t // 2:t // 2 + h, t // 2:t // 2 + w]
+
+    def z(self, frame: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        """(H, W) frame -> (K, H, W) |response| / its spread at the pixel's distance from the edge."""
+        h, w = frame.shape
+
+        def spread_map() -> torch.Tensor:
+            spread = torch.from_numpy(np.asarray(self.spread, np.float32))
+            return spread[:, SurfaceFilters.edge_distance(h, w, self.tile)].to(frame.device)
+
+        spread = _cached(cache, ("surface_spread", h, w, frame.device), spread_map)
+        return self.responses(frame, cache).abs() / spread
+
+    def group_maps(self, frame: torch.Tensor, cache: dict | None = None) -> dict[str, torch.Tensor]:
+        """(H, W) frame -> group -> (H, W) max |z| over the group's filters (unweighted)."""
+        z = self.z(frame, cache)
+        kinds = [kind for kind, _, _ in self.shapes]
+        return {g: z[[i for i, k in enumerate(kinds) if k == g]].amax(0) for g in dict.fromkeys(kinds)}
+
+    def map(self, frame: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        maps = self.group_maps(frame, cache)
+        return torch.stack([self.weights[g] * m for g, m in maps.items()]).amax(0)
+
+    @staticmethod
+    def check(frames: list[torch.Tensor], stride: int) -> dict[str, Any]:
+        """Whether the frames are a stationary surface: Whitening.place_gain on the raw frames."""
+        h, w = (int(v) for v in frames[0].shape)
+        check: dict[str, Any] = {"used": False, "max_gain_nats": SURFACE_MAX_GAIN}
+        if len(frames) < 4:
+            check["why"] = f"{len(frames)} held-out images; the check needs >= 4"
+        elif any(tuple(f.shape) != (h, w) for f in frames):
+            check["why"] = "the held-out images differ in size"
+        elif SurfaceFilters.tile_for(h, w) < 16:
+            check["why"] = f"frames of {w}x{h} px are too small for the filters (>= 16 px)"
+        else:
+            cell = Whitening.cell_size(h, w, max(1, stride))
+            gain = Whitening.place_gain([f.cpu() for f in frames], WHITEN_WINDOW, cell)
+            check["gain_nats_per_window"] = round(gain, 4)
+            if gain < SURFACE_MAX_GAIN:
+                check["used"] = True
+            else:
+                check["why"] = (f"held-out frames gain {gain:.2f} nats per window from their place's Gaussian, "
+                                f"at least {SURFACE_MAX_GAIN}: a part with places, not a uniform surface")
+        return check
+
+    @staticmethod
+    def fit(frames: list[torch.Tensor], map_image_scores: list[float]) -> SurfaceFilters | None:
+        """Good frames (held out of training) -> the filters put on the map's scale (map_image_scores: the head's
+        image scores of the same frames); None where no scale can be set."""
+        h, w = (int(v) for v in frames[0].shape)
+        tile = SurfaceFilters.tile_for(h, w)
+        spectrum = SurfaceFilters.measure_spectrum(frames, tile)
+        filters = SurfaceFilters(tile, spectrum, SURFACE_SHAPES, np.ones((len(SURFACE_SHAPES), tile // 2 + 1),
+                                                                         np.float32), {}, len(frames))
+        cache: dict = {}
+        power = torch.zeros(len(SURFACE_SHAPES), tile // 2 + 1, dtype=torch.float64)
+        counts = torch.zeros(tile // 2 + 1, dtype=torch.float64)
+        distance = SurfaceFilters.edge_distance(h, w, tile).reshape(-1)
+        for f in frames:
+            r = filters.responses(f.cpu(), cache).double().reshape(len(SURFACE_SHAPES), -1)
+            power.index_add_(1, distance, r ** 2)
+            counts += torch.bincount(distance, minlength=tile // 2 + 1).double()
+        for d in range(1, tile // 2 + 1):  # distances a small frame does not have: those of its middle
+            if counts[d] == 0:
+                power[:, d], counts[d] = power[:, d - 1], counts[d - 1]
+        spread = (power / counts).sqrt().numpy()
+        if not (np.isfinite(spread).all() and (spread > 0).all()):
+            logger.warning("surface filters left out: a filter's response has no spread on the good frames")
+            return None
+        filters = dataclasses.replace(filters, spread=spread.astype(np.float32))
+        cache = {}
+        maxima: dict[str, list[float]] = {}
+        for f in frames:
+            for g, m in filters.group_maps(f.cpu(), cache).items():
+                maxima.setdefault(g, []).append(float(m.max()))
+        map_max = float(np.median(map_image_scores))
+        weights = {g: map_max / float(np.median(v)) for g, v in maxima.items()}
+        if not (map_max > 0 and all(math.isfinite(v) and v > 0 for v in weights.values())):
+            logger.warning("surface filters left out: the map's median image score (%g) cannot set their scale", map_max)
+            return None
+        logger.info("surface filters: %d shapes, spectrum of %d good frames; weights %s", len(SURFACE_SHAPES),
+                    len(frames), ", ".join(f"{g} {v:.4g}" for g, v in weights.items()))
+        return dataclasses.replace(filters, weights=weights)
+
+    def card(self) -> dict[str, Any]:
+        return {"tile_px": self.tile, "spectrum": _encode(self.spectrum),
+                "shapes": [[kind, size, angle] for kind, size, angle in self.shapes],
+                "spread": _encode(self.spread), "weights": dict(self.weights), "images": self.images,
+                "rule": "map = max(map, max over shape groups of weight x max |z|), z the frame's correlation with "
+                        "each shape whitened by the good surface's power spectrum, over its spread on good frames "
+                        "at the same distance from the frame's edge"}
+
+    @staticmethod
+    def from_card(record: dict[str, Any]) -> SurfaceFilters:
+        try:
+            tile = int(record["tile_px"])
+            shapes = tuple((str(k), float(s), float(a)) for k, s, a in record["shapes"])
+            filters = SurfaceFilters(tile, _decode(record["spectrum"]), shapes, _decode(record["spread"]),
+                                     {str(k): float(v) for k, v in record["weights"].items()}, int(record.get("images", 0)))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ModelError(f"the model card's surface filters are unreadable ({e}); retrain the model") from None
+        kinds = {k for k, _, _ in shapes}
+        if (tile < 16 or filters.spectrum.shape != (tile, tile) or not np.isfinite(filters.spectrum).all()
+                or (filters.spectrum <= 0).any() or filters.spread.shape != (len(shapes), tile // 2 + 1)
+                or not np.isfinite(filters.spread).all() or (filters.spread <= 0).any()
+                or not kinds <= {"line", "disc"} or set(filters.weights) != kinds
+                or not all(math.isfinite(v) and v > 0 for v in filters.weights.values())):
+            raise ModelError("the model card's surface filters are malformed; retrain the model")
+        return filters
+
+
 @dataclass(frozen=True)
 class MapHead:
     """The card's `anomaly_map`: pixel maps -> fold mean -> blur -> (minus place mean) / place spread -> window max,
@@ -677,6 +896,7 @@ class MapHead:
     low: LowSide | None = None
     place: PlaceStats | None = None
     white: Whitening | None = None
+    surface: SurfaceFilters | None = None
 
     @staticmethod
     def from_card(card: dict[str, Any], extras: dict[str, bytes] | None = None) -> MapHead | None:
@@ -685,11 +905,12 @@ class MapHead:
         if not record:
             return None
         position, low, place = record.get("position"), record.get("low"), record.get("place")
-        white = record.get("white")
+        white, surface = record.get("white"), record.get("surface")
         return MapHead(float(record.get("blur_sigma_px", 0.0)), PositionStats.from_card(position) if position else None,
                        LowSide.from_card(low) if low else None,
                        PlaceStats.from_card(place, extras or {}) if place else None,
-                       Whitening.from_card(white, extras) if white else None)
+                       Whitening.from_card(white, extras) if white else None,
+                       SurfaceFilters.from_card(surface) if surface else None)
 
     def card(self) -> dict[str, Any]:
         return {"source": "pixel_map", "fold": "mean over overlapping patches", "blur_sigma_px": self.sigma_px,
@@ -697,9 +918,11 @@ class MapHead:
                 "low": self.low.card() if self.low else None,
                 "place": self.place.card() if self.place else None,
                 "white": self.white.card() if self.white else None,
+                "surface": self.surface.card() if self.surface else None,
                 "patch_score": "max of the map inside the patch" + (
                     ", the map normalized by the good parts' median and spread at each place" if self.position else "")
                 + (", the map raised to the whitened residual's where larger" if self.white else "")
+                + (", or the surface filters' where larger (lines and stains in a uniform surface)" if self.surface else "")
                 + (", or the place score where larger (the patch's code against good codes at its place)"
                    if self.place else "")
                 + (", or the low side's score where larger (texture loss)" if self.low else "")}
@@ -720,22 +943,31 @@ class MapHead:
         return (smooth - mean) / spread
 
     def patch_scores(self, grid: PatchGrid, pixel_maps: torch.Tensor, cache: dict | None = None,
-                     codes: torch.Tensor | None = None, residuals: torch.Tensor | None = None) -> torch.Tensor:
+                     codes: torch.Tensor | None = None, residuals: torch.Tensor | None = None,
+                     patches: torch.Tensor | None = None) -> torch.Tensor:
         """(N, P, P) pixel maps of one frame (with a place score its (N, D) codes, with whitening its (N, P, P)
-        signed residuals) -> (N,) patch scores."""
+        signed residuals, with surface filters its (N, C, P, P) patches) -> (N,) patch scores."""
         signed = fold_mean(grid, residuals) if self.white is not None and residuals is not None else None
-        scores = self.scores_of_smoothed(grid, self.smoothed(grid, pixel_maps), cache, codes, signed)
+        frame = (SurfaceFilters.frame_of(grid, patches).to(pixel_maps.device)  # folded where the patches are
+                 if self.surface is not None and patches is not None else None)
+        scores = self.scores_of_smoothed(grid, self.smoothed(grid, pixel_maps), cache, codes, signed, frame)
         return scores if self.low is None else torch.maximum(scores, self.low.scores(pixel_maps).to(scores.device))
 
     def scores_of_smoothed(self, grid: PatchGrid, smooth: torch.Tensor, cache: dict | None = None,
-                           codes: torch.Tensor | None = None, signed: torch.Tensor | None = None) -> torch.Tensor:
-        """(H, W) smoothed map (from `smoothed`; with whitening the (H, W) folded signed residual) -> (N,) patch
-        scores without the low side: what train uses once the statistics exist."""
+                           codes: torch.Tensor | None = None, signed: torch.Tensor | None = None,
+                           frame: torch.Tensor | None = None) -> torch.Tensor:
+        """(H, W) smoothed map (from `smoothed`; with whitening the (H, W) folded signed residual, with surface
+        filters the (H, W) frame) -> (N,) patch scores without the low side: what train uses once the statistics
+        exist."""
         image = self.normalized(smooth, cache)
         if self.white is not None:
             if signed is None:
                 raise ValueError("this head whitens the residual: give the frame's signed residuals")
             image = torch.maximum(image, self.white.map(signed.to(image.device), cache))
+        if self.surface is not None:
+            if frame is None:
+                raise ValueError("this head has surface filters: give the frame's patches")
+            image = torch.maximum(image, self.surface.map(frame.to(image.device), cache))
         scores = window_max(grid, image)
         if self.place is None:
             return scores

@@ -126,6 +126,10 @@ def train(
     whiten_place: Annotated[bool, typer.Option(help="With --whiten: one window Gaussian per place (cells of the "
                                                     "stride), kept only when held-out windows show that places "
                                                     "differ (fixtured parts, not textures).")] = True,
+    surface_filters: Annotated[bool, typer.Option(help="Also look for thin lines and soft stains in the frame "
+                                                       "itself with filters whitened by the good surface's "
+                                                       "spectrum; kept only when held-out frames show no places "
+                                                       "(textures, not fixtured parts).")] = True,
     target_frr: Annotated[float, typer.Option(help="False-reject rate the initial threshold aims at.")] = 0.01,
     beta_nll: Annotated[float, typer.Option(help="VAE: weight each pixel's NLL by sigma_x^(2 beta) in training "
                                                  "(beta-NLL; 0 = the plain ELBO).")] = 0.0,
@@ -175,7 +179,7 @@ def train(
                         early_stop=early_stop, anomaly_map=anomaly_map, blur_sigma=blur_sigma,
                         position_stats=position_stats, texture_loss=texture_loss, place_score=place_score,
                         place_min_gain=place_min_gain, whiten=whiten, whiten_window=whiten_window,
-                        whiten_place=whiten_place,
+                        whiten_place=whiten_place, surface_filters=surface_filters,
                         target_frr=target_frr,
                         beta_nll=beta_nll, latent=latent)
     card = fit(data_dir, out, opts)

@@ -29,7 +29,8 @@ from torch import nn
 
 import edge_agent
 from edge_agent import artifact, calibrate
-from edge_agent.anomaly_map import WHITE_PLACE_ENTRY, LowSide, MapHead, PlaceStats, Whitening, fold_mean, window_max
+from edge_agent.anomaly_map import (WHITE_PLACE_ENTRY, LowSide, MapHead, PlaceStats, SurfaceFilters, Whitening, fold_mean,
+                                    window_max)
 from edge_agent.errors import ConfigError, DataError, ModelError
 from edge_agent.evaluation import ImageResult, blank_frame_scores
 from edge_agent.images import file_hashes, fingerprint, fitted_files, list_images, read_image
@@ -238,6 +239,8 @@ def combine(paths: list[Path], out: Path, good: Path | None = None, scale_images
     white = (cards[0].get("anomaly_map") or {}).get("white")
     window = int(white["window_px"]) if white and hasattr(members[0][0], "pixel_map_residual") else None
     white_place = bool(window) and whiten_place
+    # Surface filters (a texture's lines and stains) are refitted on the threshold images when a member has them.
+    surface = any((c.get("anomaly_map") or {}).get("surface") for c in cards)
     ensemble = EnsembleWithResidual if window else EnsembleWithCode if place is not None else Ensemble
     module = torch.jit.script(ensemble([m for m, _ in members], scales, raw))
 
@@ -279,15 +282,17 @@ def combine(paths: list[Path], out: Path, good: Path | None = None, scale_images
                      "python": platform.python_version()},
     }
     artifact.save(module, card, out, MapHead(0.0, place=place).extras())
-    return set_threshold(out, threshold_files, target_frr, confidence, progress, texture_loss, window, white_place)
+    return set_threshold(out, threshold_files, target_frr, confidence, progress, texture_loss, window, white_place,
+                         surface)
 
 
 def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: float,
                   progress: bool = True, texture_loss: bool = True, whiten_window: int | None = None,
-                  whiten_place: bool = False) -> dict[str, Any]:
+                  whiten_place: bool = False, surface: bool = False) -> dict[str, Any]:
     """Every score's threshold by the good-only FRR method on `files`, written into the card; with a place score
     (the first member's) its weight is refitted here first: median image maximum of the combined map over that
-    of the place distance, as train sets it. whiten_place: check per-place whitening (Whitening.weighted)."""
+    of the place distance, as train sets it. whiten_place: check per-place whitening (Whitening.weighted).
+    surface: check and fit surface filters on the images (SurfaceFilters), as train does."""
     from edge_agent.scoring import Scorer
     from edge_agent.train.fit import quantiles
 
@@ -300,6 +305,7 @@ def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: 
     distances: list[np.ndarray] = []  # the place score's distances (weight 1) of each image's patches
     signed: list[torch.Tensor] = []  # the first member's folded signed residual of each image (whitening)
     smooth: list[torch.Tensor] = []
+    frames: list[torch.Tensor] = []  # each image itself (surface filters)
     plain = MapHead(0.0)
     place = scorer.head.place
     t0 = time.monotonic()
@@ -311,6 +317,8 @@ def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: 
                 signed.append(fold_mean(grid, residuals))
             else:
                 maps, codes, _ = scorer.pixel_maps_codes(patches)
+            if surface:
+                frames.append(SurfaceFilters.frame_of(grid, patches))
             with torch.inference_mode():
                 smooth.append(plain.smoothed(grid, maps))
                 values = {raw: maps.flatten(1).sum(1).cpu().numpy(),
@@ -336,6 +344,18 @@ def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: 
         place = dataclasses.replace(place, weight=weight)
         for image, d in zip(images, distances):
             image.scores[scorer.head_name] = np.maximum(image.scores[scorer.head_name], weight * d)
+    filters, surface_check = None, None
+    if frames:
+        surface_check = SurfaceFilters.check(frames, images[0].grid.stride)
+        if surface_check["used"]:
+            filters = SurfaceFilters.fit(frames, [i.image_score(scorer.head_name) for i in images])
+            if filters is None:
+                surface_check.update(used=False, why="the map's scores could not set the filters' scale")
+        if filters is not None:
+            with torch.inference_mode():
+                for image, frame in zip(images, frames):
+                    image.scores[scorer.head_name] = np.maximum(image.scores[scorer.head_name],
+                                                                window_max(image.grid, filters.map(frame)).numpy())
     # The low side (texture loss, anomaly_map.LowSide) from the same images, as train fits a single model's.
     low = LowSide.fit([torch.from_numpy(i.scores[raw]) for i in images],
                       [i.image_score(scorer.head_name) for i in images]) if texture_loss else None
@@ -350,7 +370,9 @@ def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: 
     hashes = file_hashes(files)
 
     def change(card: dict[str, Any]) -> dict[str, Any]:
-        card["anomaly_map"] = {**card["anomaly_map"], **MapHead(0.0, None, low, place, white).card()}
+        card["anomaly_map"] = {**card["anomaly_map"], **MapHead(0.0, None, low, place, white, filters).card()}
+        if surface_check is not None:
+            card["anomaly_map"]["surface_check"] = surface_check
         for k, values in results.items():
             good = np.array(values, dtype=np.float64)
             entry = calibrate.choose(good, None, "frr", target_frr, None, confidence, blanks.get(k))

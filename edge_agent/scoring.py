@@ -511,7 +511,7 @@ class Scorer:
             return self.score_patches(patches, name)
         maps, codes, residuals = self._unpack(self._run(patches, name).to(self.device))
         with torch.inference_mode():
-            return self.head.patch_scores(grid, maps, self._head_cache, codes, residuals).cpu().numpy()
+            return self.head.patch_scores(grid, maps, self._head_cache, codes, residuals, patches).cpu().numpy()
 
     def score_frames(self, frames: list[tuple[PatchGrid, torch.Tensor]]) -> list[np.ndarray]:
         """Several frames' patches (each (N_i, C, P, P), grid.extract order) through the same batched forward
@@ -525,9 +525,10 @@ class Scorer:
             return [part.cpu().numpy() for part in parts]
         with torch.inference_mode():
             scored = []
-            for (grid, _), part in zip(frames, parts):
+            for (grid, patches), part in zip(frames, parts):
                 maps, codes, residuals = self._unpack(part.to(self.device))
-                scored.append(self.head.patch_scores(grid, maps, self._head_cache, codes, residuals).cpu().numpy())
+                scored.append(self.head.patch_scores(grid, maps, self._head_cache, codes, residuals,
+                                                     patches).cpu().numpy())
             return scored
 
     def pixel_maps(self, patches: torch.Tensor) -> torch.Tensor:

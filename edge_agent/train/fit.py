@@ -96,6 +96,9 @@ class TrainOptions:
     whiten: bool = True
     whiten_window: int = 5  # px (anomaly_map.WHITEN_WINDOW)
     whiten_place: bool = True  # check per-place whitening, kept where places differ (anomaly_map.WHITE_PLACE_MIN_GAIN)
+    # Whitened matched filters for lines and stains on a uniform surface (anomaly_map.SurfaceFilters), kept
+    # where the held-out frames' places do not differ (a texture), any family with the map score.
+    surface_filters: bool = True
     target_frr: float = 0.01
     confidence: float = 0.95
     extra_card: dict[str, Any] = field(default_factory=dict)
@@ -560,7 +563,7 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
     says how many it used.
     """
     from edge_agent import calibrate  # scoring side; imported late to keep train light
-    from edge_agent.anomaly_map import LowSide, MapHead, PlaceStats, PositionStats, Whitening, fold_mean
+    from edge_agent.anomaly_map import LowSide, MapHead, PlaceStats, PositionStats, SurfaceFilters, Whitening, fold_mean
     from edge_agent.evaluation import ImageResult, blank_frame_scores
     from edge_agent.images import read_image
     from edge_agent.scoring import Scorer
@@ -603,6 +606,9 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
     raw: list[dict[str, np.ndarray]] = []
     smooth: list[torch.Tensor] = []
     sums: list[torch.Tensor] = []  # each threshold image's raw patch scores as the head sees them (the low side)
+    frames: list[torch.Tensor] = []  # each threshold image itself, (H, W) (anomaly_map.SurfaceFilters)
+    fit_surface = head is not None and opts.surface_filters and not trained_on
+    surface_check: dict[str, Any] | None = None
     grids: list[Any] = []
     used: list[Path] = []
     with Progress(len(files), "threshold", enabled=opts.progress) as bar:
@@ -624,6 +630,8 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
                         maps = scorer.pixel_maps(patches)
                     smooth.append(head.smoothed(grid, maps))
                     sums.append(maps.flatten(1).float().sum(1).cpu())
+                    if fit_surface:
+                        frames.append(SurfaceFilters.frame_of(grid, patches))
                     if fit_place_score:
                         held_codes.append(scorer.codes(patches).double().numpy())
                 grids.append(grid)
@@ -653,6 +661,20 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
                         image.scores[scorer.head_name] = head.scores_of_smoothed(
                             image.grid, smooth[k], codes=torch.from_numpy(held_codes[k]).float(),
                             signed=signed[k] if head.white is not None else None).numpy()
+            if fit_surface and frames:
+                surface_check = SurfaceFilters.check(frames, grids[0].stride)
+                surface = (SurfaceFilters.fit(frames, [i.image_score(scorer.head_name) for i in images])
+                           if surface_check["used"] else None)
+                if surface_check["used"] and surface is None:
+                    surface_check.update(used=False, why="the map's scores could not set the filters' scale")
+                logger.info("surface filters: %s", "used" if surface_check["used"] else f"not used: {surface_check['why']}")
+                if surface is not None:
+                    head = dataclasses.replace(head, surface=surface)
+                    for k, image in enumerate(images):
+                        image.scores[scorer.head_name] = head.scores_of_smoothed(
+                            image.grid, smooth[k],
+                            codes=torch.from_numpy(held_codes[k]).float() if head.place is not None else None,
+                            signed=signed[k] if head.white is not None else None, frame=frames[k]).numpy()
             if opts.texture_loss and images:  # the low side from the map's scores without it, on the same images
                 scores = [i.image_score(scorer.head_name) for i in images]
                 head = dataclasses.replace(head, low=LowSide.fit(sums, scores))
@@ -677,6 +699,8 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
                 card["anomaly_map"]["position"]["image_hashes"] = file_hashes(position_files)
             if place_check is not None:
                 card["anomaly_map"]["place_check"] = place_check
+            if surface_check is not None:
+                card["anomaly_map"]["surface_check"] = surface_check
         for name in card["scores"]["names"]:
             good = np.array(results[name], dtype=np.float64)
             method = "max-train" if trained_on else "frr"
