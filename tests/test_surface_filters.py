@@ -149,6 +149,11 @@ def test_train_keeps_them_on_a_texture_and_the_scorer_scores_with_them(texture_s
     np.testing.assert_allclose(scorer.score_frame(grid, patches), want, rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="surface filters"):
         scorer.head.patch_scores(grid, maps, codes=codes, residuals=residuals)
+    # the daemon's batched path (several cameras' frames through one forward pass) scores them alike
+    other = scorer.patches(read_image(list_images(texture_set / "test/good")[0]))
+    both = scorer.score_frames([(grid, patches), other])
+    np.testing.assert_allclose(both[0], scorer.score_frame(grid, patches), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(both[1], scorer.score_frame(*other), rtol=1e-4, atol=1e-4)
     out2 = tmp_path / "off.pt"
     fit(texture_set / "train/good", out2, tiny_options(model="vae", patch_size=32, stride=16, steps=5,
                                                        surface_filters=False))
