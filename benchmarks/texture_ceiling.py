@@ -24,11 +24,11 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from edge_agent import synth
+from edge_agent.anomaly_map import SURFACE_TILE as TILE, SurfaceFilters
 from edge_agent.images import list_images, read_image
-
-TILE = 64
 
 
 def gray(image: np.ndarray) -> np.ndarray:
@@ -36,18 +36,8 @@ def gray(image: np.ndarray) -> np.ndarray:
 
 
 def spectrum(images: list[np.ndarray], tile: int = TILE) -> np.ndarray:
-    """Mean power of Hann-windowed tiles (half-overlapping), per pixel: S with E|X_hat|^2 = N S."""
-    hann = np.outer(np.hanning(tile), np.hanning(tile))
-    total, n = np.zeros((tile, tile)), 0
-    for im in images:
-        h, w = im.shape
-        for y in range(0, h - tile + 1, tile // 2):
-            for x in range(0, w - tile + 1, tile // 2):
-                t = im[y:y + tile, x:x + tile].astype(np.float64)
-                total += np.abs(np.fft.fft2((t - t.mean()) * hann)) ** 2
-                n += 1
-    s = total / (n * (hann ** 2).sum())
-    return s + 1e-6 * s.mean()
+    """The good surface's power per pixel, as the product measures it (SurfaceFilters.measure_spectrum)."""
+    return SurfaceFilters.measure_spectrum([torch.from_numpy(im) for im in images], tile).astype(np.float64)
 
 
 class Filters:

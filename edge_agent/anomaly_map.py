@@ -788,11 +788,19 @@ class SurfaceFilters:
         spread = _cached(cache, ("surface_spread", h, w, frame.device), spread_map)
         return self.responses(frame, cache).abs() / spread
 
+    @property
+    def groups(self) -> dict[str, list[int]]:
+        """Shape kind -> the indices of its filters, in the order of `shapes`."""
+        out: dict[str, list[int]] = {}
+        for i, (kind, _, _) in enumerate(self.shapes):
+            out.setdefault(kind, []).append(i)
+        return out
+
     def group_maps(self, frame: torch.Tensor, cache: dict | None = None) -> dict[str, torch.Tensor]:
         """(H, W) frame -> group -> (H, W) max |z| over the group's filters (unweighted)."""
         z = self.z(frame, cache)
-        kinds = [kind for kind, _, _ in self.shapes]
-        return {g: z[[i for i, k in enumerate(kinds) if k == g]].amax(0) for g in dict.fromkeys(kinds)}
+        groups = _cached(cache, ("surface_groups",), lambda: self.groups)
+        return {g: z[idx].amax(0) for g, idx in groups.items()}
 
     def map(self, frame: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         maps = self.group_maps(frame, cache)
@@ -819,6 +827,17 @@ class SurfaceFilters:
                 check["why"] = (f"held-out frames gain {gain:.2f} nats per window from their place's Gaussian, "
                                 f"at least {SURFACE_MAX_GAIN}: a part with places, not a uniform surface")
         return check
+
+    @staticmethod
+    def checked(frames: list[torch.Tensor], stride: int,
+                map_image_scores: list[float]) -> tuple[SurfaceFilters | None, dict[str, Any]]:
+        """The check, and the filters fitted where it keeps them: what train and combine write into the card."""
+        check = SurfaceFilters.check(frames, stride)
+        filters = SurfaceFilters.fit(frames, map_image_scores) if check["used"] else None
+        if check["used"] and filters is None:
+            check.update(used=False, why="the map's scores could not set the filters' scale")
+        logger.info("surface filters: %s", "used" if check["used"] else f"not used: {check['why']}")
+        return filters, check
 
     @staticmethod
     def fit(frames: list[torch.Tensor], map_image_scores: list[float]) -> SurfaceFilters | None:

@@ -346,11 +346,8 @@ def set_threshold(path: Path, files: list[Path], target_frr: float, confidence: 
             image.scores[scorer.head_name] = np.maximum(image.scores[scorer.head_name], weight * d)
     filters, surface_check = None, None
     if frames:
-        surface_check = SurfaceFilters.check(frames, images[0].grid.stride)
-        if surface_check["used"]:
-            filters = SurfaceFilters.fit(frames, [i.image_score(scorer.head_name) for i in images])
-            if filters is None:
-                surface_check.update(used=False, why="the map's scores could not set the filters' scale")
+        filters, surface_check = SurfaceFilters.checked(frames, images[0].grid.stride,
+                                                        [i.image_score(scorer.head_name) for i in images])
         if filters is not None:
             with torch.inference_mode():
                 for image, frame in zip(images, frames):

@@ -662,12 +662,8 @@ def set_initial_thresholds(path: Path, files: list[Path], opts: TrainOptions, tr
                             image.grid, smooth[k], codes=torch.from_numpy(held_codes[k]).float(),
                             signed=signed[k] if head.white is not None else None).numpy()
             if fit_surface and frames:
-                surface_check = SurfaceFilters.check(frames, grids[0].stride)
-                surface = (SurfaceFilters.fit(frames, [i.image_score(scorer.head_name) for i in images])
-                           if surface_check["used"] else None)
-                if surface_check["used"] and surface is None:
-                    surface_check.update(used=False, why="the map's scores could not set the filters' scale")
-                logger.info("surface filters: %s", "used" if surface_check["used"] else f"not used: {surface_check['why']}")
+                surface, surface_check = SurfaceFilters.checked(frames, grids[0].stride,
+                                                                [i.image_score(scorer.head_name) for i in images])
                 if surface is not None:
                     head = dataclasses.replace(head, surface=surface)
                     for k, image in enumerate(images):
